@@ -56,7 +56,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from kdjax import train  # noqa: E402
-from kdjax.config import ModelConfig  # noqa: E402
+from kdjax.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig  # noqa: E402
 from kdjax.model import Qwen2  # noqa: E402
 from kdjax.sharding import make_mesh, state_shardings  # noqa: E402
 
@@ -76,6 +76,11 @@ def parse_args(argv=None):
     ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                     help="rematerialise each student decoder layer in the backward pass (without it the "
                     "0.5B student saves ~87 GiB of activations at batch 16 x 1024: docs/benchmarks.md)")
+    ap.add_argument("--remat_policy", default="nothing_saveable", choices=REMAT_POLICIES,
+                    help="what --remat keeps (jax.checkpoint_policies): nothing_saveable recomputes the whole "
+                    "layer; dots_with_no_batch_dims_saveable keeps the projections and recomputes attention")
+    ap.add_argument("--attention", default="auto", choices=("auto",) + ATTENTION_IMPLS,
+                    help="attention of both models (kdjax.config): auto = cudnn on a GPU, xla elsewhere")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
     ap.add_argument("--divergence", default="forward_kl", help="kdjax.losses divergence name")
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype (both models)")
@@ -95,6 +100,8 @@ def parse_args(argv=None):
                     "directory (xprof/TensorBoard, Perfetto) and add its busiest events to the JSON line")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.attention == "auto":
+        a.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     if a.batch % a.grad_accum:
         ap.error(f"--batch={a.batch} must divide by --grad_accum={a.grad_accum}")
     if min(a.batch, a.seq, a.chunk_size) < 1 or a.steps < 1 or a.warmup < 0:
@@ -212,8 +219,9 @@ def main(argv=None):
                          f"{shards} data*fsdp devices of the mesh {dict(mesh.shape)}")
 
     s_cfg, graphdef, s_abs, s_sh, s_init = model_parts(a.student, mesh, dtype=a.dtype, param_dtype=a.param_dtype,
-                                                       remat=a.remat)
-    t_cfg, t_graphdef, t_abs, t_sh, t_init = model_parts(a.teacher, mesh, dtype=a.dtype,
+                                                       remat=a.remat, remat_policy=a.remat_policy,
+                                                       attention=a.attention)
+    t_cfg, t_graphdef, t_abs, t_sh, t_init = model_parts(a.teacher, mesh, dtype=a.dtype, attention=a.attention,
                                                          param_dtype=a.teacher_param_dtype)
     vocab = min(s_cfg.vocab_size, t_cfg.vocab_size)
 
@@ -261,7 +269,8 @@ def main(argv=None):
     flops_tok = 6 * n_s + 2 * n_t
     attn_tok = 3 * attention_flops_per_token(s_cfg, a.seq) + attention_flops_per_token(t_cfg, a.seq)
     out = dict(bench="kd_step", impl="kdjax", student=a.student, teacher=a.teacher, batch=a.batch, seq=a.seq,
-               chunk_size=a.chunk_size, remat=a.remat, grad_accum=a.grad_accum, divergence=a.divergence,
+               chunk_size=a.chunk_size, remat=a.remat, remat_policy=a.remat_policy if a.remat else None,
+               attention=a.attention, grad_accum=a.grad_accum, divergence=a.divergence,
                dtype=a.dtype, param_dtype=a.param_dtype, teacher_param_dtype=a.teacher_param_dtype,
                mesh=dict(mesh.shape), backend=jax.default_backend(), device=devices[0].device_kind,
                jax=jax.__version__, date=datetime.date.today().isoformat(),

@@ -38,8 +38,7 @@ def get_config(lr: str = DEFAULT_LR, name: str = "bugnet_kd"):
     c.data.valid = 500
     c.data.test = 500
 
-    # The trainer counts steps, not epochs: set steps = epochs * (train rows) // batch_size, with
-    # the train rows it prints at the start ("data: N train rows").
+    # 3,000 steps; --config.train.epochs=E instead trains E passes over the train rows.
     c.train.steps = 3000
     c.train.grad_accum = 2  # 2 micro-batches of 16 x 1,024 tokens (one 80 GB GPU); 1 on a pod slice
     c.train.eval_every = 500

@@ -60,7 +60,9 @@ def get_config(lr: str = DEFAULT_LR, name: str = "dolly_en_kd"):
     c.data.valid = VALID  # MiniLLM: --dev-num 1000
     c.data.test = TEST  # MiniLLM scores 500 held-out Dolly prompts
 
-    c.train.steps = EPOCHS * STEPS_PER_EPOCH  # 4,220 = 10 epochs of ~13.5k records
+    # 4,220 = 10 epochs of ~13.5k records (rows over max_length are skipped, so a little more than
+    # 10); --config.train.epochs=10 counts the rows actually kept instead (epochs replaces steps).
+    c.train.steps = EPOCHS * STEPS_PER_EPOCH
     c.train.batch_size = BATCH  # global; per device = 32 / (data * fsdp devices) / grad_accum
     c.train.lr = lr
     c.train.warmup_steps = 0

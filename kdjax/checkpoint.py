@@ -217,16 +217,16 @@ def _tokenizer_from_dir(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _overrides(dtype, param_dtype, remat):
-    o = {}
+def _overrides(dtype, param_dtype, **runtime):
+    """ModelConfig fields to change on load: dtypes, and runtime options (remat, remat_policy,
+    attention) that are not part of the weights; None = keep the stored value."""
+    o = {k: v for k, v in runtime.items() if v is not None}
     if dtype is not None:
         o["dtype"] = jnp.dtype(dtype).name
     if param_dtype is not None:
         o["param_dtype"] = jnp.dtype(param_dtype).name
     elif dtype is not None:
         o["param_dtype"] = jnp.dtype(dtype).name
-    if remat is not None:
-        o["remat"] = remat
     return o
 
 
@@ -240,15 +240,16 @@ def _from_hub(repo_id: str) -> str:
                                 f"({type(e).__name__}: {e}); pass a local HF directory instead") from None
 
 
-def load(src: str, *, dtype=None, param_dtype=None, mesh=None, remat=None):
+def load(src: str, *, dtype=None, param_dtype=None, mesh=None, remat=None, remat_policy=None, attention=None):
     """Loads `(model, tokenizer)` from an HF directory, a .gguf file, a kdjax checkpoint directory,
     a preset name of a model that ships in a pip package (`smollm2-135m-instruct`), or a hub
     repo id such as `Qwen/Qwen2.5-0.5B-Instruct` (when a hub or the local HF cache has it).
 
     dtype: compute dtype (and parameter dtype unless `param_dtype` is given). mesh: place every
-    parameter with its logical sharding on this mesh as it is read.
+    parameter with its logical sharding on this mesh as it is read. remat, remat_policy, attention:
+    runtime options of the loaded ModelConfig (kdjax.config).
     """
-    ov = _overrides(dtype, param_dtype, remat)
+    ov = _overrides(dtype, param_dtype, remat=remat, remat_policy=remat_policy, attention=attention)
     if not os.path.exists(src) and re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.endswith(".gguf"):
         src = _from_hub(src)
     if not os.path.exists(src) or src.endswith(".gguf"):

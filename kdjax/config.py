@@ -20,6 +20,10 @@ SUPPORTED_ARCHITECTURES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -40,6 +44,10 @@ class ModelConfig:
     dtype: str = "float32"  # activations / compute
     param_dtype: str = "float32"  # stored parameters (fp32 master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    # what remat keeps: a jax.checkpoint_policies name; "nothing_saveable" recomputes the whole layer,
+    # "dots_with_no_batch_dims_saveable" keeps the projections' outputs and recomputes attention
+    remat_policy: str = "nothing_saveable"
+    attention: str = "xla"  # "xla" (einsums, any backend), "jax" or "cudnn" (jax.nn.dot_product_attention)
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -48,6 +56,10 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
             raise ValueError(f"ModelConfig.architecture={self.architecture!r}: expected 'qwen2' or 'llama'")
 

@@ -58,9 +58,22 @@ def rope(x, positions, theta):
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
-    """Grouped-query attention. q: [B, T, H, hd]; k, v: [B, S, KVH, hd]; mask: [B, T, S] bool."""
+def attend(q, k, v, mask, impl: str = "xla"):
+    """Grouped-query attention. q: [B, T, H, hd]; k, v: [B, S, KVH, hd]; mask: [B, T, S] bool, or
+    None for plain causal attention (T == S). Returns [B, T, H * hd].
+
+    impl "xla": kdjax's einsums (fp32 scores, any backend, materialises [B, H, T, S]);
+    "jax" / "cudnn": `jax.nn.dot_product_attention` with XLA's choice / cuDNN's fused flash
+    attention (GPU, bf16 or fp16, head_dim <= 128), which never stores the [T, S] scores.
+    """
     b, t, h, hd = q.shape
+    if impl != "xla":
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],
+            is_causal=mask is None, implementation="cudnn" if impl == "cudnn" else None)
+        return out.reshape(b, t, h * hd)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
@@ -81,6 +94,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=o_bias, cfg=cfg, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.theta = cfg.rope_theta
+        self.impl = cfg.attention
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         """x: [B, T, D]. Without a cache `mask` is [B, T, T]; with one, `kv` = (k, v) [B, S, KVH, hd],
@@ -94,7 +108,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
             kv = (k, v)
-        return self.o_proj(attend(q, k, v, mask)), kv
+        return self.o_proj(attend(q, k, v, mask, self.impl)), kv
 
 
 class MLP(nnx.Module):
@@ -153,14 +167,22 @@ class Qwen2(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, cache=None):
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
         """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
 
-        input_ids: [B, T] int. attention_mask: [B, T] (1 = token, 0 = padding), default all ones.
+        input_ids: [B, T] int. attention_mask: [B, T] (1 = token, 0 = padding), default all ones:
+        plain causal attention, which is also exact for the real tokens of right-padded rows.
+        segment_ids: [B, T] (1, 2, ... for sequences packed in a row, 0 = padding; kdjax.data's
+        rows): a token attends only inside its own segment. Not with a cache.
         positions: [B, T]; default counts real tokens only (cumsum of the mask), so left padding
         does not shift RoPE positions.
         """
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("hidden_states: segment_ids (packed rows) cannot be used with a KV cache")
+            if attention_mask is None:
+                attention_mask = segment_ids > 0
         am = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(am, axis=1) - 1, 0)
@@ -168,16 +190,21 @@ class Qwen2(nnx.Module):
                 positions = positions + cache["next_pos"][:, None]
         x = self.embed_tokens(input_ids)
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & am[:, None, :]
-            index = None
+            index = mask = None  # None: causal
+            if segment_ids is not None:
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                mask = jnp.tril(jnp.ones((t, t), bool))[None] & same & am[:, None, :]
+            elif attention_mask is not None:
+                mask = jnp.tril(jnp.ones((t, t), bool))[None] & am[:, None, :]
         else:
             index = cache["index"]
             s = cache["valid"].shape[1]
             valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], am, index, axis=1)
             slot = jnp.arange(s)
             mask = (slot[None, :] <= (index + jnp.arange(t))[:, None])[None] & valid[:, None, :]
-        call = nnx.remat(_layer_call) if self.config.remat else _layer_call
+        call = _layer_call
+        if self.config.remat:
+            call = nnx.remat(_layer_call, policy=getattr(jax.checkpoint_policies, self.config.remat_policy))
         new_kv = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache["kv"][i]
@@ -196,8 +223,9 @@ class Qwen2(nnx.Module):
             return h @ self.embed_tokens.embedding[...].astype(h.dtype).T
         return self.lm_head(h)
 
-    def __call__(self, input_ids, *, positions=None, attention_mask=None, cache=None):
-        out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask, cache=cache)
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
+        out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                                 segment_ids=segment_ids, cache=cache)
         if cache is None:
             return self.logits(out)
         h, cache = out

@@ -76,7 +76,8 @@ def student_from_teacher(teacher: Qwen2, layers: list[int]) -> Qwen2:
 
 
 def load_models(cfg, mesh):
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, remat=cfg.remat)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, remat=cfg.remat,
+              remat_policy=cfg.get("remat_policy"), attention=cfg.get("attention"))
     teacher, tokenizer = load(cfg.teacher, **kw)
     if tokenizer is None:
         raise ValueError(f"--config.teacher={cfg.teacher}: no tokenizer next to the weights")
@@ -116,13 +117,16 @@ def make_optimizer(tc) -> optax.GradientTransformation:
         decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms, biases
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+                       optax.adamw(schedule, b1=tc.get("b1", 0.9), b2=tc.get("b2", 0.95), eps=tc.get("eps", 1e-8),
+                                   weight_decay=tc.weight_decay, mask=decay_mask))
 
 
 def _forward(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
-    h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
-                            attention_mask=batch["segment_ids"] > 0)
+    # Each row holds one sequence padded on the right (kdjax.data.make_rows), so causal attention
+    # alone is exact for every real token (padding comes after them; its outputs carry no loss),
+    # and fused attention kernels run their causal mask, not a [B, T, T] bias.
+    h = model.hidden_states(batch["input_ids"], positions=batch["positions"])
     return h, model.head_kernel()
 
 
@@ -258,6 +262,9 @@ def train(cfg) -> dict:
     train_rows = rows["train"]
     print(f"data: {len(train_rows['input_ids'])} train rows, {len(rows.get('valid', {}).get('input_ids', []))} "
           f"valid rows, {len(splits['test'])} test records; mesh {dict(mesh.shape)}", flush=True)
+    if tc.get("epochs", 0):
+        tc.steps = max(1, math.ceil(tc.epochs * len(train_rows["input_ids"]) / tc.batch_size))
+        print(f"train.epochs={tc.epochs}: {tc.steps} steps of {tc.batch_size} rows", flush=True)
 
     tx = make_optimizer(tc)
     graphdef, params = nnx.split(student)

@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.student_layers = "first_last:15"  # "every_other", "first_last:N" or a comma list of teacher layer indices
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.param_dtype = "float32"  # master weights
-    c.remat = False
+    c.remat = False  # recompute each decoder layer in the backward pass (memory for time)
+    c.remat_policy = "nothing_saveable"  # or "dots_with_no_batch_dims_saveable": keep the projections
+    c.attention = "xla"  # "xla" (any backend), "jax" or "cudnn" (fused flash attention on GPU, bf16)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # a local .jsonl/.json/.parquet file or a hub dataset name; "" = stdlib pairs
@@ -33,12 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 60
+    c.train.epochs = 0.0  # > 0: passes over the train rows instead, steps = ceil(epochs * rows / batch_size)
     c.train.batch_size = 4  # rows per optimizer step (global)
     c.train.grad_accum = 1  # micro-batches per step
     c.train.lr = 5e-4
     c.train.warmup_steps = 10
     c.train.min_lr_ratio = 0.1
     c.train.weight_decay = 0.01
+    c.train.b1 = 0.9  # AdamW
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
     c.train.clip_norm = 1.0
     c.train.seed = 0
     c.train.log_every = 5

@@ -12,7 +12,7 @@ from flax import nnx
 
 import kdjax
 from kdjax import checkpoint
-from kdjax.config import ModelConfig
+from kdjax.config import REMAT_POLICIES, ModelConfig
 from kdjax.generate import generate
 
 CONFIGS = {
@@ -131,7 +131,63 @@ def test_bf16_close_to_fp32(pair):
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def test_remat_gives_same_gradients():
+def test_fused_attention_matches_transformers(pair):
+    """attention="jax" (jax.nn.dot_product_attention) on plain causal, left-padded and cached input."""
+    cfg, tm, _, d = pair
+    model, _ = kdjax.load(d, attention="jax")
+    assert model.config.attention == "jax"
+    rng = np.random.default_rng()
+    ids = rng.integers(0, cfg.vocab_size, (3, 23))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), torch_logits(tm, ids), atol=1e-4)
+    row = rng.integers(1, cfg.vocab_size, 7)
+    padded, mask = np.zeros((1, 12), np.int32), np.zeros((1, 12), np.int32)
+    padded[0, 5:], mask[0, 5:] = row, 1
+    out = np.asarray(model(jnp.asarray(padded), attention_mask=jnp.asarray(mask)))[0, 5:]
+    np.testing.assert_allclose(out, torch_logits(tm, row[None])[0], atol=1e-4)
+    prompts = [list(rng.integers(1, cfg.vocab_size, n)) for n in (3, 9)]
+    xla, _ = kdjax.load(d)
+    assert generate(model, prompts, max_new_tokens=8) == generate(xla, prompts, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("impl", ["xla", "jax"])
+def test_packed_row_matches_separate_sequences(pair, impl):
+    """segment_ids: sequences packed end to end in one row attend only inside their own segment."""
+    cfg, tm, _, d = pair
+    model, _ = kdjax.load(d, attention=impl)
+    rng = np.random.default_rng()
+    seqs = [rng.integers(1, cfg.vocab_size, n) for n in (6, 9, 4)]
+    width = sum(map(len, seqs)) + 3
+    ids, seg, pos = (np.zeros((1, width), np.int32) for _ in range(3))
+    start = 0
+    for i, s in enumerate(seqs):
+        ids[0, start:start + len(s)], seg[0, start:start + len(s)] = s, i + 1
+        pos[0, start:start + len(s)] = np.arange(len(s))
+        start += len(s)
+    out = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)))[0]
+    start = 0
+    for s in seqs:
+        np.testing.assert_allclose(out[start:start + len(s)], torch_logits(tm, s[None])[0], atol=1e-4)
+        start += len(s)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_close_to_xla():
+    cfg = ModelConfig.preset("tiny-qwen2", dtype="bfloat16", head_dim=64)
+    ids = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, (2, 128)))
+    ref = kdjax.Qwen2(cfg, seed=1)(ids).astype(jnp.float32)
+    out = kdjax.Qwen2(cfg.replace(attention="cudnn"), seed=1)(ids).astype(jnp.float32)
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_bad_runtime_options_are_named():
+    with pytest.raises(ValueError, match="ModelConfig.attention='flash'"):
+        ModelConfig.preset("tiny-qwen2", attention="flash")
+    with pytest.raises(ValueError, match="ModelConfig.remat_policy='dots'"):
+        ModelConfig.preset("tiny-qwen2", remat_policy="dots")
+
+
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_remat_gives_same_gradients(policy):
     cfg = ModelConfig.preset("tiny-qwen2")
     ids = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, (2, 8)))
 
@@ -139,7 +195,7 @@ def test_remat_gives_same_gradients():
         return jnp.mean(m(ids) ** 2)
 
     g1 = nnx.jit(nnx.grad(loss))(kdjax.Qwen2(cfg, seed=3))
-    g2 = nnx.jit(nnx.grad(loss))(kdjax.Qwen2(cfg.replace(remat=True), seed=3))
+    g2 = nnx.jit(nnx.grad(loss))(kdjax.Qwen2(cfg.replace(remat=True, remat_policy=policy), seed=3))
     for a, b in zip(jax_leaves(g1), jax_leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

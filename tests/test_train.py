@@ -116,6 +116,16 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     assert steps == list(range(1, 17))
 
 
+def test_epochs_set_the_steps_and_fused_attention_trains(setup, tmp_path, capsys):
+    c = config(setup, tmp_path / "ep", **{"train.epochs": 0.5, "attention": "jax", "remat": True,
+                                          "remat_policy": "dots_with_no_batch_dims_saveable", "mesh.num_devices": 1})
+    out = train.train(c)
+    rows = int(capsys.readouterr().out.split("data: ")[1].split(" train rows")[0])
+    assert c.train.steps == -(-rows // 16) and rows > 16  # ceil(0.5 * rows / batch 8)
+    assert len(losses_of(tmp_path / "ep")) == c.train.steps
+    assert out["student"].config.attention == "jax" and out["student"].config.remat
+
+
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     c = config(setup, tmp_path / "nan", **{"train.lr": 1e38, "train.warmup_steps": 1, "train.checkpoint_every": 1,
                                            "train.clip_norm": 1e38, "mesh.num_devices": 1})
