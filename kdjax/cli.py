@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 from absl import app, flags
@@ -24,6 +25,43 @@ def usage() -> str:
     return "usage: kdjax COMMAND [--flags]  (kdjax COMMAND --help for its flags)\n\ncommands:\n" + "\n".join(lines)
 
 
+def _fail(cmd: str, msg: str):
+    print(f"kdjax {cmd}: {msg}\nkdjax {cmd} --help lists the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_error(e: BaseException, argv) -> str:
+    """One line for an error ml_collections raised while reading --config=FILE or a --config.x=y."""
+    chain = [e]
+    while chain[-1].__context__ is not None:
+        chain.append(chain[-1].__context__)
+    keys = [x for x in chain if isinstance(x, KeyError) and x.args]
+    if isinstance(e, (AttributeError, KeyError)) and keys:
+        key = str(keys[-1].args[0])  # the innermost: the bare field name
+        hint = next((str(x.args[0]).split("\n")[-1] for x in keys if "Did you mean" in str(x.args[0])), "")
+        given = [a for a in argv if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(\.|=|$)", a)]
+        return f"{given[0].split('=')[0] if given else '--config'}: the config has no field {key!r}. {hint}".strip()
+    last = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"--config: {type(e).__name__}: {last[-1] if last else e}"
+
+
+def _parser(cmd: str):
+    def parse(argv):
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            _fail(cmd, str(e))
+        except (AttributeError, KeyError) as e:  # a --config.x=y naming no field of --config=FILE
+            _fail(cmd, _config_error(e, argv))
+        if "config" in flags.FLAGS:
+            try:  # ml_collections reads --config=FILE and applies --config.x=y only when first used
+                flags.FLAGS.config.get("mode")
+            except Exception as e:  # noqa: BLE001 (a config file can raise anything)
+                _fail(cmd, _config_error(e, argv))
+        return rest
+    return parse
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -33,7 +71,12 @@ def main(argv=None):
     if cmd not in COMMANDS:
         print(f"kdjax: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"kdjax.commands.{COMMANDS[cmd][0]}")
+    try:  # ml_collections checks --config.x=y names against the default config as the flag is defined
+        module = importlib.import_module(f"kdjax.commands.{COMMANDS[cmd][0]}")
+    except (AttributeError, KeyError) as e:
+        if not any(a.startswith("--config.") for a in argv):
+            raise
+        _fail(cmd, _config_error(e, argv))
     rest = argv[2:]
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
         print(f"kdjax {cmd}: {(module.__doc__ or '').strip()}\n")
@@ -41,7 +84,7 @@ def main(argv=None):
             print(flags.FLAGS.module_help(m))
         return 0
     # Library INFO logs (orbax, jax backends) drown the progress lines; --verbosity=0 brings them back.
-    app.run(module.main, argv=[f"kdjax {cmd}", "--verbosity=-1"] + rest)
+    app.run(module.main, argv=[f"kdjax {cmd}", "--verbosity=-1"] + rest, flags_parser=_parser(cmd))
 
 
 if __name__ == "__main__":

@@ -172,11 +172,18 @@ def test_cli_help_lists_config():
     assert "--config:" in out.stdout and "resume:" in out.stdout
 
 
-def test_cli_misspelt_override_names_the_field():
-    out = subprocess.run([sys.executable, "-m", "kdjax", "distill", "--config=configs/default.py",
-                          "--config.train.stpes=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "stpes" in out.stderr and "steps" in out.stderr, out.stderr[-2000:]  # names it, suggests the field
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/default.py", "--config.train.stpes=3"],
+     '--config.train.stpes: the config has no field \'stpes\'. Did you mean "steps" instead of "stpes"?'),
+    (["--config.trian.steps=3"], "--config.trian.steps: the config has no field 'trian'."),
+    (["--config.train.steps=abc"], "--config.train.steps=abc: invalid literal for int()"),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+])
+def test_cli_bad_config_flag_is_one_line_naming_it(args, expected):
+    out = subprocess.run([sys.executable, "-m", "kdjax", "distill", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "data:" not in out.stdout  # stopped before loading anything
 
 
