@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kdjax.config import ModelConfig  # noqa: E402
+from kdjax.config import ATTENTION_IMPLS, ModelConfig  # noqa: E402
 from kdjax.generate import _decode  # noqa: E402
 from kdjax.model import Qwen2  # noqa: E402
 
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", type=int, default=256, help="tokens a prompt")
     ap.add_argument("--new", type=int, default=512, help="generated tokens a row")
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    ap.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS,
+                    help="kdjax.config attention (cudnn: fused attention, GPU only; masked decode steps pass "
+                    "cuDNN a bias)")
     ap.add_argument("--param_dtype", default="bfloat16", help="weights (bf16 as the anchor)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=0)
@@ -108,7 +111,7 @@ def measure(a, cfg, compiled, args) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
-    cfg = ModelConfig.preset(a.model, dtype=a.dtype, param_dtype=a.param_dtype)
+    cfg = ModelConfig.preset(a.model, dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention)
     if a.prompt + a.new > cfg.max_position_embeddings:
         raise SystemExit(f"--prompt={a.prompt} + --new={a.new} exceeds the context of {a.model} "
                          f"({cfg.max_position_embeddings} tokens)")
@@ -129,7 +132,8 @@ def main(argv=None):
     compiled = _decode.lower(graphdef, *args, **static).compile()
     compile_s = time.perf_counter() - t0
     res = dict(bench="generate", impl="kdjax", model=a.model, batch=a.batch, prompt=a.prompt, new=a.new,
-               dtype=a.dtype, param_dtype=a.param_dtype, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+               dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention, temperature=a.temperature,
+               top_k=a.top_k, top_p=a.top_p,
                backend=jax.default_backend(), device=jax.devices()[0].device_kind, jax=jax.__version__,
                date=datetime.date.today().isoformat(), compile_s=round(compile_s, 2), **memory_analysis(compiled))
     if not a.compile_only:
