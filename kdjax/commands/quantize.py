@@ -36,7 +36,8 @@ flags.DEFINE_integer("bits", 4, "bits per weight (2, 4 or 8; GPU kernels serve 4
 flags.DEFINE_integer("group_size", 128, "input rows per scale/zero group (-1 = one group per output column); "
                      "must divide every linear's input size (SmolLM2-135M: 576 and 1536, so 64)")
 flags.DEFINE_bool("sym", True, "symmetric grid (zero point fixed at 2**(bits-1)); --nosym fits a zero per group")
-flags.DEFINE_bool("desc_act", False, "GPTQ act-order: quantize input rows by decreasing Hessian diagonal")
+flags.DEFINE_bool("desc_act", True, "GPTQ act-order: quantize input rows by decreasing Hessian diagonal (on by "
+                  "default: without it GPTQ turned SmolLM2's greedy code answers into prose, docs/quantization.md)")
 flags.DEFINE_float("damp_percent", 0.01, "GPTQ dampening: this fraction of the mean Hessian diagonal is added")
 flags.DEFINE_string("calib_data", None, "calibration / held-out records: a local .jsonl/.json/.parquet file (or a hub "
                     "dataset name) read with --calib_layout; default: --stdlib_pairs docstring -> code pairs")
@@ -96,8 +97,8 @@ def check_group_size(model):
     try:
         _check_group_size(model, linear_paths(len(model.layers)), FLAGS.group_size)
     except ValueError as e:
-        msg = str(e).replace("quantize_model: group_size=", "--group_size=").replace("use group_size=", "use --group_size=")
-        raise app.UsageError(msg) from None
+        msg = str(e).replace("quantize_model: group_size=", "--group_size=")
+        raise app.UsageError(msg.replace("use group_size=", "use --group_size=")) from None
 
 
 def split_records():
@@ -205,7 +206,8 @@ def report_table(s: dict, qm, before: dict | None, after: dict | None) -> str:
     lines = [f"| | float | {name} |", "|---|---|---|",
              f"| size on disk | {s['bf16_disk_bytes'] / MIB:.1f} MiB (bf16 safetensors) | "
              f"{s['int4_disk_bytes'] / MIB:.1f} MiB |",
-             f"| in memory | {s['bf16_memory_bytes'] / MIB:.1f} MiB bf16 ({s['float32_memory_bytes'] / MIB:.1f} fp32) | "
+             f"| in memory | {s['bf16_memory_bytes'] / MIB:.1f} MiB bf16 "
+             f"({s['float32_memory_bytes'] / MIB:.1f} fp32) | "
              f"{s['int4_memory_bytes'] / MIB:.1f} MiB packed |",
              f"| decoder linears | {s['linears_bf16_bytes'] / MIB:.1f} MiB bf16 | "
              f"{s['linears_packed_bytes'] / MIB:.1f} MiB packed |"]
@@ -232,8 +234,9 @@ def run(model, tokenizer):
         room = min(FLAGS.eval_length, model.config.max_position_embeddings - FLAGS.max_new_tokens)
         prompts = prompts_that_fit(held_out, tokenizer, room) if FLAGS.rouge_samples else []
         before = measure(model, tokenizer, held_out, prompts)
-    print(f"quantizing the 7 linears of {len(model.layers)} layers: {FLAGS.method}, {FLAGS.bits} bits, group {FLAGS.group_size}, "
-          f"{'sym' if FLAGS.sym else 'asym'}{', act-order' if FLAGS.desc_act else ''}", flush=True)
+    act = ", act-order" if FLAGS.desc_act and FLAGS.method == "gptq" else ""
+    print(f"quantizing the 7 linears of {len(model.layers)} layers: {FLAGS.method}, {FLAGS.bits} bits, "
+          f"group {FLAGS.group_size}, {'sym' if FLAGS.sym else 'asym'}{act}", flush=True)
     qm = quantize(model, tokenizer, train)
     save_gptq(model, qm, FLAGS.out, tokenizer=tokenizer, dtype=FLAGS.float_dtype)
     print(f"wrote {FLAGS.out} (GPTQ checkpoint; {qm.method} took {qm.seconds:.1f} s)", flush=True)
