@@ -113,3 +113,18 @@ def test_profile_summary_ranks_device_events(tmp_path):
         json.dump(dict(traceEvents=events), f)
     assert kd.profile_summary(str(tmp_path)) == {
         "/device:GPU:0 / stream 7": [["gemm", 5.0, 0.8333], ["softmax", 1.0, 0.1667]]}
+
+
+def test_gpu_session_script_writes_the_json_lines_of_a_part(tmp_path):
+    """bench/gpu_session.sh (the device-call wrapper) on CPU: anchors skipped with a reason, the
+    kdjax lines of the part written to $OUT/PART.jsonl with the arguments they were run with."""
+    env = dict(os.environ, OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               GEN_ARGS="--model=tiny-qwen2 --batch=2 --prompt=8 --new=8 --repeats=1 --warmup=0")
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "gen"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(l) for l in open(tmp_path / "gen.jsonl")]
+    assert lines[0]["part"] == "gen" and "skipped" in lines[1]
+    assert [(r["bench"], r["batch"], r["model"]) for r in lines[2:]] == [("generate", 2, "tiny-qwen2")] * 2
+    bad = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "unknown part nope" in bad.stderr
