@@ -61,24 +61,36 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
-def student_from_teacher(teacher: Qwen2, layers: list[int]) -> Qwen2:
+def student_from_teacher(teacher: Qwen2, layers: list[int], **config) -> Qwen2:
     """A student made of the given teacher layers (DistilBERT style): embeddings, norm, head and
-    the chosen decoder layers are copied."""
-    cfg = teacher.config.replace(num_layers=len(layers))
+    the chosen decoder layers are copied. `config`: ModelConfig fields that differ from the
+    teacher's (param_dtype: the student's master weights when the teacher is kept in bf16)."""
+    cfg = teacher.config.replace(num_layers=len(layers), **config)
     student = nnx.eval_shape(lambda: Qwen2(cfg))
     graphdef, state = nnx.split(student)
     src = nnx.to_pure_dict(nnx.state(teacher))
     dst = dict(src)
     dst["layers"] = {i: src["layers"][j] for i, j in enumerate(layers)}
-    dst = jax.tree.map(lambda x: jnp.array(x, copy=True), dst)  # the student owns its buffers
+    dtypes = nnx.to_pure_dict(state)
+    # the student owns its buffers, in its own parameter dtype
+    dst = jax.tree.map(lambda x, like: jnp.array(x, dtype=like.dtype, copy=True), dst, dtypes)
     nnx.replace_by_pure_dict(state, dst)
     return nnx.merge(graphdef, state)
+
+
+def teacher_param_dtype(cfg) -> str:
+    """The KD teacher gets no gradients: its weights are kept in the compute dtype unless
+    `teacher_param_dtype` says otherwise (a 3B teacher: 6.2 GB in bf16 instead of 12.3 GB fp32)."""
+    return cfg.get("teacher_param_dtype") or cfg.dtype
 
 
 def load_models(cfg, mesh):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, remat=cfg.remat,
               remat_policy=cfg.get("remat_policy"), attention=cfg.get("attention"))
-    teacher, tokenizer = load(cfg.teacher, **kw)
+    if cfg.mode == "sft":  # the "teacher" is the model being trained
+        teacher, tokenizer = load(cfg.teacher, **kw)
+    else:
+        teacher, tokenizer = load(cfg.teacher, **dict(kw, param_dtype=teacher_param_dtype(cfg), remat=False))
     if tokenizer is None:
         raise ValueError(f"--config.teacher={cfg.teacher}: no tokenizer next to the weights")
     if cfg.mode == "sft":
@@ -86,7 +98,8 @@ def load_models(cfg, mesh):
     if cfg.student:
         student, _ = load(cfg.student, **kw)
     else:
-        student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers))
+        student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
+                                       param_dtype=cfg.param_dtype, remat=cfg.remat)
     sv, tv = student.config.vocab_size, teacher.config.vocab_size
     if sv != tv and min(sv, tv) < len(tokenizer):
         raise ValueError(f"teacher vocab {tv} and student vocab {sv} differ beyond padding (tokenizer has "
@@ -386,7 +399,9 @@ def run(cfg) -> str:
         if cfg.mode == "distill":
             if ec.before:
                 todo.append(("teacher", lambda: teacher))
-                if not cfg.student:
+                if cfg.student:
+                    todo.append(("student before KD", lambda: load(cfg.student, dtype=cfg.dtype)[0]))
+                else:
                     todo.append(("student before KD", lambda: student_from_teacher(
                         teacher, parse_layers(cfg.student_layers, teacher.config.num_layers))))
             todo.append(("student after KD", lambda: model))

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.student_layers = "first_last:15"  # "every_other", "first_last:N" or a comma list of teacher layer indices
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.param_dtype = "float32"  # master weights
+    c.teacher_param_dtype = ""  # the KD teacher's weights (no gradients); "" = the compute dtype
     c.remat = False  # recompute each decoder layer in the backward pass (memory for time)
     c.remat_policy = "nothing_saveable"  # or "dots_with_no_batch_dims_saveable": keep the projections
     c.attention = "xla"  # "xla" (any backend), "jax" or "cudnn" (fused flash attention on GPU, bf16)

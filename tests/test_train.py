@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import kdjax
 from kdjax import checkpoint, data, gguf_io, train, train_config
 from kdjax.config import ModelConfig
+from kdjax.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,19 @@ def test_student_from_teacher_copies_the_chosen_layers(setup):
     np.testing.assert_array_equal(student.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
     with pytest.raises(ValueError, match=r"student_layers='0,9'.*\[0, 4\)"):
         train.parse_layers("0,9", 4)
+
+
+def test_bf16_compute_keeps_the_teacher_in_bf16_and_the_student_master_in_fp32(setup, tmp_path):
+    c = config(setup, tmp_path, dtype="bfloat16", param_dtype="float32", remat=True)
+    teacher, student, _ = train.load_models(c, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    t_leaves, s_leaves = jax.tree.leaves(nnx.state(teacher)), jax.tree.leaves(nnx.state(student))
+    assert {x.dtype for x in t_leaves} == {jnp.dtype("bfloat16")} and not teacher.config.remat
+    assert {x.dtype for x in s_leaves} == {jnp.dtype("float32")} and student.config.remat
+    np.testing.assert_array_equal(student.layers[1].mlp.up_proj.kernel[...],  # layers 0, 2 of 4: every_other
+                                  teacher.layers[2].mlp.up_proj.kernel[...].astype(jnp.float32))
+    c.teacher_param_dtype = "float32"
+    teacher, _, _ = train.load_models(c, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher))} == {jnp.dtype("float32")}
 
 
 def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
