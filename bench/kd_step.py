@@ -79,7 +79,7 @@ def parse_args(argv=None):
     ap.add_argument("--remat_policy", default="nothing_saveable", choices=REMAT_POLICIES,
                     help="what --remat keeps (jax.checkpoint_policies): nothing_saveable recomputes the whole "
                     "layer; dots_with_no_batch_dims_saveable keeps the projections and recomputes attention")
-    ap.add_argument("--attention", default="auto", choices=("auto",) + ATTENTION_IMPLS,
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                     help="attention of both models (kdjax.config): auto = cudnn on a GPU, xla elsewhere")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
     ap.add_argument("--divergence", default="forward_kl", help="kdjax.losses divergence name")
@@ -100,8 +100,8 @@ def parse_args(argv=None):
                     "directory (xprof/TensorBoard, Perfetto) and add its busiest events to the JSON line")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.attention == "auto":
-        a.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if a.attention == "auto":  # as kdjax.model.attend resolves it, named in the JSON line
+        a.attention = "cudnn" if jax.default_backend() == "gpu" and a.dtype in ("bfloat16", "float16") else "xla"
     if a.batch % a.grad_accum:
         ap.error(f"--batch={a.batch} must divide by --grad_accum={a.grad_accum}")
     if min(a.batch, a.seq, a.chunk_size) < 1 or a.steps < 1 or a.warmup < 0:

@@ -50,6 +50,7 @@ def get_config(lr: str = DEFAULT_LR, name: str = "dolly_en_kd"):
     c.student = "Qwen/Qwen2.5-0.5B-Instruct"  # a checkpoint: not derived from the teacher's layers
     c.dtype = "bfloat16"  # compute; master weights and Adam moments stay float32
     c.param_dtype = "float32"
+    c.attention = "auto"  # cuDNN flash attention on GPUs, kdjax's einsums on TPU / CPU
 
     # Hub: databricks/databricks-dolly-15k (split train). A local copy instead:
     #   --config.data.source=/data/databricks-dolly-15k.jsonl   (.jsonl, .json, .parquet, .gz)
@@ -68,6 +69,7 @@ def get_config(lr: str = DEFAULT_LR, name: str = "dolly_en_kd"):
     c.train.warmup_steps = 0
     c.train.min_lr_ratio = 0.0  # MiniLLM: cosine to lr_min = 1e-7
     c.train.weight_decay = 0.01
+    c.train.b2 = 0.999  # MiniLLM: torch AdamW's default betas (0.9, 0.999)
     c.train.clip_norm = 1.0
     c.train.seed = 10
     c.train.log_every = 10

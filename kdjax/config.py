@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "auto")
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
 
 
@@ -47,7 +47,9 @@ class ModelConfig:
     # what remat keeps: a jax.checkpoint_policies name; "nothing_saveable" recomputes the whole layer,
     # "dots_with_no_batch_dims_saveable" keeps the projections' outputs and recomputes attention
     remat_policy: str = "nothing_saveable"
-    attention: str = "xla"  # "xla" (einsums, any backend), "jax" or "cudnn" (jax.nn.dot_product_attention)
+    # "xla" (einsums, any backend), "cudnn" (fused, GPU), "jax" (jax.nn's XLA path), "auto" (cudnn on a
+    # GPU in bf16/fp16, else xla): kdjax.model.attend
+    attention: str = "xla"
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):

@@ -63,10 +63,15 @@ def attend(q, k, v, mask, impl: str = "xla"):
     None for plain causal attention (T == S). Returns [B, T, H * hd].
 
     impl "xla": kdjax's einsums (fp32 scores, any backend, materialises [B, H, T, S]);
-    "jax" / "cudnn": `jax.nn.dot_product_attention` with XLA's choice / cuDNN's fused flash
-    attention (GPU, bf16 or fp16, head_dim <= 128), which never stores the [T, S] scores.
+    "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused flash attention (GPU, bf16 or fp16,
+    head_dim <= 128), which never stores the [T, S] scores; "jax": the same function's XLA
+    implementation (any backend; the reference the cuDNN path is checked against);
+    "auto": cudnn where it applies, else xla.
     """
     b, t, h, hd = q.shape
+    if impl == "auto":
+        fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and hd <= 128
+        impl = "cudnn" if fused else "xla"
     if impl != "xla":
         out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask=None if mask is None else mask[:, None],

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher_param_dtype = ""  # the KD teacher's weights (no gradients); "" = the compute dtype
     c.remat = False  # recompute each decoder layer in the backward pass (memory for time)
     c.remat_policy = "nothing_saveable"  # or "dots_with_no_batch_dims_saveable": keep the projections
-    c.attention = "xla"  # "xla" (any backend), "jax" or "cudnn" (fused flash attention on GPU, bf16)
+    c.attention = "xla"  # "xla" (any backend), "cudnn" (fused flash attention, GPU, bf16), "auto", "jax"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # a local .jsonl/.json/.parquet file or a hub dataset name; "" = stdlib pairs

@@ -149,7 +149,7 @@ def test_fused_attention_matches_transformers(pair):
     assert generate(model, prompts, max_new_tokens=8) == generate(xla, prompts, max_new_tokens=8)
 
 
-@pytest.mark.parametrize("impl", ["xla", "jax"])
+@pytest.mark.parametrize("impl", ["xla", "jax", "auto"])
 def test_packed_row_matches_separate_sequences(pair, impl):
     """segment_ids: sequences packed end to end in one row attend only inside their own segment."""
     cfg, tm, _, d = pair
