@@ -7,20 +7,9 @@ chat template, 1,024-token rows, greedy decoding for the Rouge-L report:
     kdjax distill --config=configs/bugnet_kd.py                # lr 1e-5
     kdjax distill --config=configs/bugnet_kd.py:5e-5
 """
-import importlib.util
-import os
+from kdjax.train_config import sibling
 
-
-def _sibling(name):
-    """configs/NAME.py as a module (config files are loaded by path; configs/ is no package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dolly_en_kd = _sibling("dolly_en_kd")
+dolly_en_kd = sibling(__file__, "dolly_en_kd")
 DEFAULT_LR = dolly_en_kd.DEFAULT_LR
 
 

@@ -6,20 +6,9 @@ smaller than forward KL's; sweep the lr as for dolly_en_kd.py:
     kdjax distill --config=configs/dolly_en_jsd.py:5e-5
     kdjax distill --config=configs/dolly_en_jsd.py --config.kd.beta=0.9   # more mode-seeking
 """
-import importlib.util
-import os
+from kdjax.train_config import sibling
 
-
-def _sibling(name):
-    """configs/NAME.py as a module (config files are loaded by path; configs/ is no package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dolly_en_kd = _sibling("dolly_en_kd")
+dolly_en_kd = sibling(__file__, "dolly_en_kd")
 
 
 def get_config(lr: str = dolly_en_kd.DEFAULT_LR):

@@ -12,20 +12,9 @@ Rouge-L of Spanish text: the report's Unicode variant keeps accented letters tha
 rouge-score tokenizer drops. To skip the teacher's fine-tuning:
 --config.teacher=Qwen/Qwen2.5-3B-Instruct (or a local HF directory).
 """
-import importlib.util
-import os
+from kdjax.train_config import sibling
 
-
-def _sibling(name):
-    """configs/NAME.py as a module (config files are loaded by path; configs/ is no package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dolly_en_kd = _sibling("dolly_en_kd")
+dolly_en_kd = sibling(__file__, "dolly_en_kd")
 
 
 def get_config(lr: str = dolly_en_kd.DEFAULT_LR):

@@ -8,21 +8,10 @@ must beat, the student, on the responses alone. Run with `kdjax sft` (the comman
 Everything else is dolly_es_kd.py (data, batch, epochs, schedule, evaluation), so the runs differ
 only in what they learn from. MiniLLM fine-tunes Qwen2.5 at lr 1e-5 (scripts/qwen2.5/sft/sft_1.5B.sh).
 """
-import importlib.util
-import os
+from kdjax.train_config import sibling
 
-
-def _sibling(name):
-    """configs/NAME.py as a module (config files are loaded by path; configs/ is no package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dolly_en_kd = _sibling("dolly_en_kd")
-dolly_es_kd = _sibling("dolly_es_kd")
+dolly_en_kd = sibling(__file__, "dolly_en_kd")
+dolly_es_kd = sibling(__file__, "dolly_es_kd")
 
 MODELS = {"teacher": "Qwen/Qwen2.5-3B-Instruct", "student": "Qwen/Qwen2.5-0.5B-Instruct"}
 

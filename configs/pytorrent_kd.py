@@ -12,20 +12,9 @@ not as a hub dataset: concatenate the shards you want into one file
 --config.data.source="" the same kind of pairs are extracted from this machine's Python standard
 library (the default job's data, no download).
 """
-import importlib.util
-import os
+from kdjax.train_config import sibling
 
-
-def _sibling(name):
-    """configs/NAME.py as a module (config files are loaded by path; configs/ is no package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bugnet_kd = _sibling("bugnet_kd")
+bugnet_kd = sibling(__file__, "bugnet_kd")
 
 
 def get_config(lr: str = bugnet_kd.DEFAULT_LR):

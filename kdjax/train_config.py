@@ -4,7 +4,20 @@ Files under configs/ import `get_config()` from here and change what differs. Th
 SmolLM2-135M-Instruct (from pip) distilled into a student made of half its layers (the first 8 and the last 7), on
 docstring -> code pairs extracted from the Python standard library, small enough for a 2-core CPU.
 """
+import importlib.util
+import os
+
 import ml_collections
+
+
+def sibling(config_file: str, name: str):
+    """configs/NAME.py beside `config_file` as a module: config files are loaded by path (configs/ is
+    no package), and one builds on another, e.g. `dolly_en_kd = sibling(__file__, "dolly_en_kd")`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kdjax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config() -> ml_collections.ConfigDict:
