@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.kd_step import memory_analysis  # noqa: E402
 from kdjax.config import ATTENTION_IMPLS, ModelConfig  # noqa: E402
 from kdjax.generate import _decode  # noqa: E402
 from kdjax.model import Qwen2  # noqa: E402
@@ -65,19 +66,6 @@ def parse_args(argv=None):
     if min(a.batch, a.prompt, a.new, a.repeats) < 1 or a.warmup < 0:
         ap.error("--batch, --prompt, --new, --repeats must be >= 1 and --warmup >= 0")
     return a
-
-
-def memory_analysis(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without it
-        m = None
-    if m is None:
-        return {}
-    out = dict(xla_arg_gib=m.argument_size_in_bytes, xla_out_gib=m.output_size_in_bytes,
-               xla_temp_gib=m.temp_size_in_bytes)
-    out["xla_peak_gib"] = sum(out.values()) - m.alias_size_in_bytes
-    return {k: round(v / GIB, 3) for k, v in out.items()}
 
 
 def device_peak_gib(device):
