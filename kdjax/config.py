@@ -48,7 +48,7 @@ class ModelConfig:
     # "dots_with_no_batch_dims_saveable" keeps the projections' outputs and recomputes attention
     remat_policy: str = "nothing_saveable"
     # "xla" (einsums, any backend), "cudnn" (fused, GPU), "jax" (jax.nn's XLA path), "auto" (cudnn on a
-    # GPU in bf16/fp16, else xla): kdjax.model.attend
+    # GPU in bf16/fp16 for unmasked causal attention, else xla): kdjax.model.attend
     attention: str = "xla"
 
     def __post_init__(self):

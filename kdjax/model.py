@@ -66,11 +66,13 @@ def attend(q, k, v, mask, impl: str = "xla"):
     "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused flash attention (GPU, bf16 or fp16,
     head_dim <= 128), which never stores the [T, S] scores; "jax": the same function's XLA
     implementation (any backend; the reference the cuDNN path is checked against);
-    "auto": cudnn where it applies, else xla.
+    "auto": cudnn for plain causal attention (training, scoring) on a GPU in bf16/fp16, xla for the
+    rest (masked prefill and KV-cache decoding, whose one-token [1, S] scores are small).
     """
     b, t, h, hd = q.shape
     if impl == "auto":
-        fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and hd <= 128
+        fused = (mask is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+                 and hd <= 128)
         impl = "cudnn" if fused else "xla"
     if impl != "xla":
         out = jax.nn.dot_product_attention(
