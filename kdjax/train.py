@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -258,11 +259,53 @@ def _batch_sharding(mesh):
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+# ---- the best model on the validation split (MiniLLM keeps the best checkpoint by dev Rouge-L) --
+SELECT = {"rougeL": max, "val_loss": min}
+BEST = "best"  # out_dir/best: a kdjax checkpoint + best.json
+
+
+def read_best(out_dir) -> dict | None:
+    """{"step", "metric", "value"} of out_dir/best, or None. A save killed before its final rename
+    left a complete out_dir/best.new (best.json is written last): that one is taken."""
+    path, new = os.path.join(out_dir, BEST), os.path.join(out_dir, BEST + ".new")
+    if not os.path.exists(os.path.join(path, "best.json")) and os.path.exists(os.path.join(new, "best.json")):
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(new, path)
+    try:
+        with open(os.path.join(path, "best.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def save_best(out_dir, model, tokenizer, info: dict) -> dict:
+    """Writes `model` to out_dir/best (via best.new, so a kill never leaves a half-written best)."""
+    from kdjax.checkpoint import save
+    path, new = os.path.join(out_dir, BEST), os.path.join(out_dir, BEST + ".new")
+    shutil.rmtree(new, ignore_errors=True)
+    save(model, new, format="kdjax", tokenizer=tokenizer)
+    with open(os.path.join(new, "best.json"), "w") as f:
+        json.dump(info, f)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(new, path)
+    return info
+
+
 def train(cfg) -> dict:
     """Runs SFT or KD as configured; returns {"student": model, "teacher": model|None, ...}."""
     tc = cfg.train
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--config.train.batch_size={tc.batch_size} must divide by grad_accum={tc.grad_accum}")
+    select = tc.get("select_best", "")
+    if select and select not in SELECT:
+        raise ValueError(f"--config.train.select_best={select!r}: expected '' (keep the last step), "
+                         f"{' or '.join(map(repr, SELECT))}")
+    if select and not (tc.eval_every and cfg.data.valid):
+        raise ValueError(f"--config.train.select_best={select!r} needs validation evals: set "
+                         f"--config.train.eval_every and --config.data.valid")
+    if select == "rougeL" and not cfg.eval.curve_samples:
+        raise ValueError("--config.train.select_best='rougeL' needs --config.eval.curve_samples > 0 "
+                         "(validation prompts scored at every eval)")
     devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -309,6 +352,9 @@ def train(cfg) -> dict:
             print(f"resumed from {cfg.out_dir}/checkpoints step {start}", flush=True)
         else:
             print(f"resume: no checkpoint in {cfg.out_dir}/checkpoints, starting at step 0", flush=True)
+    best = read_best(cfg.out_dir) if select and cfg.resume else None
+    if select and not cfg.resume:
+        shutil.rmtree(os.path.join(cfg.out_dir, BEST), ignore_errors=True)  # a fresh run's own best only
     progress = Progress(cfg.out_dir, tc.steps, start)
     last_good = start
     meta = {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
@@ -334,7 +380,13 @@ def train(cfg) -> dict:
             progress.log(done, avg, tokens=len(window) * train_rows["input_ids"][:tc.batch_size].size)
             window = []
         if tc.eval_every and done % tc.eval_every == 0 and "valid" in rows and jax.process_count() == 1:
-            progress.log(done, periodic_eval(cfg, nnx.merge(graphdef, state["params"]), tokenizer, splits, rows))
+            ev = periodic_eval(cfg, nnx.merge(graphdef, state["params"]), tokenizer, splits, rows)
+            progress.log(done, ev)
+            if select in ev and (best is None or SELECT[select](ev[select], best["value"]) != best["value"]):
+                best = save_best(cfg.out_dir, nnx.merge(graphdef, state["params"]), tokenizer,
+                                 dict(step=done, metric=select, value=ev[select]))
+                print(f"best so far: step {done}, validation {select} {ev[select]:.4g} -> {cfg.out_dir}/{BEST}",
+                      flush=True)
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             save_checkpoint(mngr, state, {**meta, "step": done})
             last_good = done
@@ -343,7 +395,7 @@ def train(cfg) -> dict:
     progress.close()
     final = nnx.merge(graphdef, state["params"])
     return dict(student=final, teacher=teacher, tokenizer=tokenizer, splits=splits, rows=rows, mesh=mesh,
-                start_step=start)
+                start_step=start, best=best)
 
 
 def eval_records(records, tokenizer, cfg, n: int):
@@ -381,6 +433,13 @@ def run(cfg) -> str:
 
     result = train(cfg)
     model, teacher, tokenizer = result["student"], result["teacher"], result["tokenizer"]
+    after = "student after KD" if cfg.mode == "distill" else "after SFT"
+    if result["best"]:
+        b = result["best"]
+        model = load(os.path.join(cfg.out_dir, BEST), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     mesh=result["mesh"])[0]
+        after += f" (step {b['step']}: best validation {b['metric']})"
+        print(f"selected step {b['step']} of {cfg.train.steps} (validation {b['metric']} {b['value']:.4g})", flush=True)
     name = "student" if cfg.mode == "distill" else "sft"
     out = os.path.join(cfg.out_dir, name)
     save(model, out, format="hf", tokenizer=tokenizer)
@@ -404,11 +463,11 @@ def run(cfg) -> str:
                 else:
                     todo.append(("student before KD", lambda: student_from_teacher(
                         teacher, parse_layers(cfg.student_layers, teacher.config.num_layers))))
-            todo.append(("student after KD", lambda: model))
+            todo.append((after, lambda: model))
         else:
             if ec.before:
                 todo.append(("before SFT", lambda: load(cfg.teacher, dtype=cfg.dtype)[0]))
-            todo.append(("after SFT", lambda: model))
+            todo.append((after, lambda: model))
         for label, get in todo:
             t0 = time.time()
             results[label] = evaluate.evaluate(get(), tokenizer, records, **kw)

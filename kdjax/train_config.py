@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.log_every = 5
     c.train.eval_every = 30  # validation loss every N steps (0 = only at the end)
+    # "" = the model of the last step; "rougeL" / "val_loss": the best at the validation evals
+    # (kept in out_dir/best; the report, the exported model and `kdjax eval` then use that one)
+    c.train.select_best = ""
     c.train.checkpoint_every = 20
     c.train.keep_checkpoints = 2
 

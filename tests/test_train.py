@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import kdjax
-from kdjax import checkpoint, data, gguf_io, train, train_config
+from kdjax import checkpoint, data, evaluate, gguf_io, train, train_config
 from kdjax.config import ModelConfig
 from kdjax.sharding import make_mesh
 
@@ -91,6 +91,24 @@ def test_bf16_compute_keeps_the_teacher_in_bf16_and_the_student_master_in_fp32(s
     c.teacher_param_dtype = "float32"
     teacher, _, _ = train.load_models(c, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher))} == {jnp.dtype("float32")}
+
+
+def test_select_best_exports_the_best_validation_step(setup, tmp_path):
+    """train.select_best: the model kept, exported and reported is the one of the best validation
+    eval (at lr 0.1 the tiny student's validation loss is lowest at the first eval, step 2 of 12)."""
+    c = config(setup, tmp_path, **{"train.lr": 0.1, "train.eval_every": 2, "train.select_best": "val_loss",
+                                   "mesh.num_devices": 1})
+    train.run(c)
+    evals = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "val_loss" in l]
+    best = json.load(open(tmp_path / "best" / "best.json"))
+    assert best["step"] == min(evals, key=lambda e: e["val_loss"])["step"] < 12
+    exported, tok = kdjax.load(str(tmp_path / "student"))
+    _, rows = train.load_data(c.data, tok, 256)
+    v = evaluate.validation_loss(exported, rows["valid"], batch_size=8, chunk_size=96)["loss"]
+    assert v == pytest.approx(best["value"], rel=1e-5) and v != pytest.approx(evals[-1]["val_loss"], rel=1e-3)
+    c.train.select_best = "bleu"
+    with pytest.raises(ValueError, match="select_best='bleu'"):
+        train.train(c)
 
 
 def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
