@@ -62,10 +62,11 @@ def _decode(graphdef, state, ids, mask, key, stop, pad_id, *, max_new_tokens, te
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
-             pad_id: int = 0, bucket: int = 32) -> list[list[int]]:
+             pad_id: int = 0, bucket: int = 32, keep_stop: bool = False) -> list[list[int]]:
     """Generates up to `max_new_tokens` after each prompt (lists of token ids).
 
-    Returns the new tokens of each row, cut before the first stop token. Prompt lengths are padded
+    Returns the new tokens of each row, cut before the first stop token (after it with
+    `keep_stop`: a policy gradient scores the stop token the model chose). Prompt lengths are padded
     up to a multiple of `bucket` so that batches of similar prompts share one compilation.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -89,7 +90,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     result = []
     stops = set(stop_tokens)
     for row in np.asarray(out).tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        cut = next((i + keep_stop for i, t in enumerate(row) if t in stops), len(row))
         result.append(row[:cut])
     return result
 

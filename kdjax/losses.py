@@ -489,3 +489,32 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, vocab_size=None, chunk
     return _chunked(hidden, head, None, None, targets, mask, per_token=None, temperature=1.0,
                     kd_ratio=0.0, vocab_size=vocab_size, chunk_size=chunk_size, mesh=mesh,
                     normalizer=normalizer)
+
+
+# ---- per-token log-probabilities (policy gradients: GRPO) ------------------------------------
+def token_logprobs(hidden, head, targets, *, vocab_size: int | None = None, chunk_size: int = 1024,
+                   temperature: float = 1.0):
+    """log softmax(hidden @ head / temperature)[targets] for every token: [B, T] fp32.
+
+    hidden [B, T, D], head [D, V] (the output head), targets [B, T] int. Tokens are processed in
+    chunks of `chunk_size` under `jax.checkpoint`: a chunk's [chunk, V] logits exist only while
+    it is computed, forward and (recomputed) backward, so memory grows with the chunk, not with
+    B x T. vocab_size: score over the first `vocab_size` head columns only (a padded table).
+    """
+    _check_temperature(temperature)
+    b, t, d = hidden.shape
+    v = vocab_size or head.shape[-1]
+    n = b * t
+    chunk = max(1, min(chunk_size, n))
+    pad = (-n) % chunk
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one(hy):
+        hc, yc = hy
+        logits = jnp.dot(hc, head[:, :v].astype(hc.dtype), preferred_element_type=jnp.float32) / temperature
+        picked = jnp.take_along_axis(logits, jnp.clip(yc, 0, v - 1)[:, None], axis=1)[:, 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.lax.map(one, (h, y)).reshape(-1)[:n].reshape(b, t)

@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from kdjax import data, losses, train, train_config
+from kdjax import data, grpo, grpo_config, losses, train, train_config
 from kdjax.sharding import make_mesh
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' loader
@@ -58,7 +58,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_fields_types_and_values(path):
-    cfg, base = flat(load(path)), flat(train_config.get_config())
+    cfg = flat(load(path))
+    base = flat((grpo_config if cfg["mode"] == "grpo" else train_config).get_config())
     extra, missing = sorted(set(cfg) - set(base)), sorted(set(base) - set(cfg))
     assert not extra, f"{path}: fields not in kdjax/train_config.py (misspelt?): {extra}"
     assert not missing, f"{path}: fields of the base config missing: {missing}"
@@ -66,7 +67,11 @@ def test_config_fields_types_and_values(path):
         assert type(value) is type(base[key]), f"{path}: {key}={value!r} is {type(value).__name__}, " \
                                                f"the base has {type(base[key]).__name__}"
 
-    assert cfg["mode"] in ("distill", "sft")
+    assert cfg["mode"] in ("distill", "sft", "grpo")
+    if cfg["mode"] == "grpo":
+        assert cfg["grpo.num_generations"] >= 2 and cfg["grpo.beta"] >= 0 and cfg["grpo.temperature"] > 0
+        assert {k[len("grpo.weights."):] for k in cfg if k.startswith("grpo.weights.")} <= set(grpo.REWARDS)
+        assert cfg["data.layout"] in ("mbpp", "humaneval", "records")  # problems with tests
     assert cfg["dtype"] in DTYPES and cfg["param_dtype"] in DTYPES
     assert cfg["kd.divergence"] in losses.DIVERGENCES
     losses.per_token_divergence(cfg["kd.divergence"], beta=cfg["kd.beta"], alpha=cfg["kd.alpha"])  # range checks

