@@ -2,7 +2,8 @@
 
 The student is scored on the teacher's distribution at the positions of the Dolly responses (off
 policy). MiniLLM's own method minimises the sequence-level reverse KL on the student's samples
-(on policy; not in kdjax yet); this is the token-level baseline next to it. Same lr argument:
+(on policy, `kdjax minillm --config=configs/dolly_en_kd.py`); this is the token-level baseline next
+to it. Same lr argument:
 
     kdjax distill --config=configs/dolly_en_rkl.py:5e-5
 """

@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("generate", "generate text with the chat template applied"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
+    "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),
     "grpo": ("grpo", "GRPO on code problems with tests (think format, steps, tests, length rewards)"),
     "eval": ("eval", "Rouge-L over sampling seeds, validation loss, teacher retention; report + plots"),
     "quantize": ("quantize", "int4 (RTN or GPTQ) of every decoder linear -> GPTQ checkpoint; size/perplexity report"),

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import data as kdata
 from kdjax import losses, train
@@ -264,16 +263,7 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
     rewards_of = reward_fn or (lambda texts, rec: group_rewards(texts, rec, weights, timeout_s=g.test_timeout))
 
     tx = train.make_optimizer(tc)
-    graphdef, params = nnx.split(policy)
-    params = nnx.to_pure_dict(params)
-    replicated = NamedSharding(mesh, P())
-    params = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                          params)
-    opt_sh = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
-                                   transform_non_params=lambda _: replicated)
-    state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
-                 step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    graphdef, state, state_sh = train.init_state(policy, tx, mesh)
     ref_graphdef, ref_params = (None, None) if ref is None else (nnx.graphdef(ref), nnx.to_pure_dict(nnx.state(ref)))
     batch_sh = train._batch_sharding(mesh)
     step_fn = jax.jit(partial(grpo_step, tx=tx, graphdef=graphdef, ref_graphdef=ref_graphdef, beta=float(g.beta),

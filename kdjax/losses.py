@@ -518,3 +518,33 @@ def token_logprobs(hidden, head, targets, *, vocab_size: int | None = None, chun
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     return jax.lax.map(one, (h, y)).reshape(-1)[:n].reshape(b, t)
+
+
+def token_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, targets, *,
+                     vocab_size: int | None = None, chunk_size: int = 1024):
+    """Per token (MiniLLM): KL(q || p) over the vocabulary, log q(target) and log p(target), each
+    [B, T] fp32, from hidden states and heads chunk by chunk under `jax.checkpoint` (no [B, T, V]
+    tensor; the backward pass recomputes one chunk's logits at a time). Gradients reach the
+    student's arguments; stop them on the teacher's."""
+    b, t, _ = student_hidden.shape
+    v = _shared_vocab(student_head.shape[-1], teacher_head.shape[-1], vocab_size)
+    n = b * t
+    chunk = max(1, min(chunk_size, n))
+    pad = (-n) % chunk
+
+    def rows(x):
+        x = x.reshape(n, *x.shape[2:])
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+
+    @jax.checkpoint
+    def one(xs):
+        sh, th, y = xs
+        s_logp = jax.nn.log_softmax(jnp.dot(sh, student_head[:, :v].astype(sh.dtype),
+                                            preferred_element_type=jnp.float32), axis=-1)
+        t_logp = jax.nn.log_softmax(jnp.dot(th, teacher_head[:, :v].astype(th.dtype),
+                                            preferred_element_type=jnp.float32), axis=-1)
+        pick = lambda lp: jnp.take_along_axis(lp, jnp.clip(y, 0, v - 1)[:, None], axis=1)[:, 0]
+        return reverse_kl_per_token(s_logp, t_logp), pick(s_logp), pick(t_logp)
+
+    out = jax.lax.map(one, (rows(student_hidden), rows(teacher_hidden), rows(targets.astype(jnp.int32))))
+    return tuple(x.reshape(-1)[:n].reshape(b, t) for x in out)

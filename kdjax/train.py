@@ -178,6 +178,22 @@ def train_step(state, batch, teacher_params, *, tx, accum, **loss_kw):
     return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
+def init_state(model, tx, mesh):
+    """(graphdef, state, state shardings) of a model to train: state = {params (plain dict), AdamW
+    state, step}. Adam's moments are sharded exactly like their parameters (FSDP shards optimizer
+    state too); scalars (step, Adam's count) are replicated on every device."""
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    replicated = NamedSharding(mesh, P())
+    params = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                          params)
+    opt_sh = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+                                   transform_non_params=lambda _: replicated)
+    state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
+                 step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    return graphdef, state, jax.tree.map(lambda x: x.sharding, state)
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
 def checkpoint_manager(out_dir, tc):
     import orbax.checkpoint as ocp
@@ -323,17 +339,7 @@ def train(cfg) -> dict:
         print(f"train.epochs={tc.epochs}: {tc.steps} steps of {tc.batch_size} rows", flush=True)
 
     tx = make_optimizer(tc)
-    graphdef, params = nnx.split(student)
-    params = nnx.to_pure_dict(params)
-    replicated = NamedSharding(mesh, P())  # scalars (step, Adam's count) live on every device
-    params = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                          params)
-    # Adam's moments are sharded exactly like their parameters (FSDP shards optimizer state too).
-    opt_sh = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
-                                   transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = dict(params=params, opt_state=opt_state, step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    graphdef, state, state_sh = init_state(student, tx, mesh)
     tgraph, tparams = (None, None) if teacher is None else (nnx.graphdef(teacher), nnx.to_pure_dict(nnx.state(teacher)))
     vocab = min(student.config.vocab_size, teacher.config.vocab_size) if teacher is not None else None
     loss_kw = dict(graphdef=graphdef, teacher_graphdef=tgraph, kd=cfg.kd, vocab_size=vocab,
@@ -425,22 +431,24 @@ def periodic_eval(cfg, model, tokenizer, splits, rows) -> dict:
 
 
 # ---- train, then evaluate and report -----------------------------------------------------------
-def run(cfg) -> str:
-    """`kdjax distill` / `kdjax sft`: train, save the model, score it on the test split against
-    the teacher (and the untrained student), write report.md / report.json / curves.png."""
+def run(cfg, trainer=None) -> str:
+    """`kdjax distill` / `kdjax sft` (and `kdjax minillm`, whose `trainer` is kdjax.minillm's):
+    train, save the model, score it on the test split against the teacher (and the untrained
+    student), write report.md / report.json / curves.png."""
     from kdjax import evaluate
     from kdjax.checkpoint import save
 
-    result = train(cfg)
+    result = (trainer or train)(cfg)
     model, teacher, tokenizer = result["student"], result["teacher"], result["tokenizer"]
-    after = "student after KD" if cfg.mode == "distill" else "after SFT"
+    kd = cfg.mode != "sft"  # distill, minillm
+    after = "student after KD" if kd else "after SFT"
     if result["best"]:
         b = result["best"]
         model = load(os.path.join(cfg.out_dir, BEST), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      mesh=result["mesh"])[0]
         after += f" (step {b['step']}: best validation {b['metric']})"
         print(f"selected step {b['step']} of {cfg.train.steps} (validation {b['metric']} {b['value']:.4g})", flush=True)
-    name = "student" if cfg.mode == "distill" else "sft"
+    name = "student" if kd else "sft"
     out = os.path.join(cfg.out_dir, name)
     save(model, out, format="hf", tokenizer=tokenizer)
     print(f"saved {out} (HF safetensors)", flush=True)
@@ -455,7 +463,7 @@ def run(cfg) -> str:
                   seeds=[int(s) for s in str(ec.seeds).split(",")], temperature=ec.temperature,
                   top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, log=lambda m: print(m, flush=True))
         todo = []
-        if cfg.mode == "distill":
+        if kd:
             if ec.before:
                 todo.append(("teacher", lambda: teacher))
                 if cfg.student:

@@ -22,7 +22,7 @@ def sibling(config_file: str, name: str):
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "distill"  # "distill" (teacher -> student) or "sft" (fine-tune `teacher` on the data)
+    c.mode = "distill"  # "distill", "minillm" (teacher -> student) or "sft" (fine-tune `teacher`); set by the command
     c.out_dir = "runs/default"
     c.resume = False  # continue from the latest checkpoint in out_dir
 
@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.beta = 0.5
     c.kd.alpha = 0.1
     c.kd.chunk_size = 512
+
+    c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/minillm.py)
+    c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)
+    c.minillm.max_new_tokens = 64  # tokens sampled a prompt
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices

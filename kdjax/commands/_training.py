@@ -30,5 +30,8 @@ def run(mode: str):
     if mode == "grpo":
         from kdjax.grpo import run as run_grpo
         return run_grpo(cfg)
+    if mode == "minillm":
+        from kdjax.minillm import run as run_minillm
+        return run_minillm(cfg)
     from kdjax.train import run as run_training
     return run_training(cfg)

@@ -1,0 +1,19 @@
+"""MiniLLM: distil on the student's own samples, minimising the sequence-level reverse KL.
+
+Takes the distillation configs (--config=configs/NAME.py; no flags: the default job's models and
+data, with MiniLLM's loss); --config.minillm.alpha and .max_new_tokens tune the sampling.
+kdjax/minillm.py says what a step computes. The report is `kdjax distill`'s.
+"""
+from absl import app
+
+from kdjax.commands import _training
+from kdjax.commands._training import run
+
+_training.define_flags()
+FLAG_MODULES = (_training,)  # --config, --resume
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    run("minillm")
