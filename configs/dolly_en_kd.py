@@ -91,6 +91,7 @@ def get_config(lr: str = DEFAULT_LR, name: str = "dolly_en_kd"):
     # MiniLLM keeps the checkpoint with the best dev Rouge-L: greedy on 100 validation prompts a
     # epoch here (the whole 1,000 every epoch would cost more than the epoch's training)
     c.train.select_best = "rougeL"
+    c.minillm.max_new_tokens = 256  # `kdjax minillm` with this file: MiniLLM's 256-token generations
     c.eval.curve_samples = 100
     c.eval.max_new_tokens = 256  # MiniLLM: prompt (<= 256) + response <= 512 tokens
     c.eval.temperature = 1.0
