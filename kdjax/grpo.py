@@ -272,13 +272,8 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
                                     jax.tree.map(lambda x: x.sharding, ref_params)),
                       out_shardings=(state_sh, None), donate_argnums=0)
 
-    mngr = train.checkpoint_manager(cfg.out_dir, tc)
-    start = 0
-    if cfg.resume:
-        restored, _ = train.restore_checkpoint(mngr, state)
-        if restored is not None:
-            state, start = restored, int(restored["step"])
-            print(f"resumed from {cfg.out_dir}/checkpoints step {start}", flush=True)
+    mngr, state, start = train.resume(cfg, state)
+    last_good = start
     progress = train.Progress(cfg.out_dir, tc.steps, start)
     stop, pad = stop_tokens_of(tokenizer, policy.config), tokenizer.pad_token_id or 0
     meta = {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
@@ -299,23 +294,15 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
         rows["adv"] = advantages(total, g.num_generations).astype(np.float32)
         state_new, metrics = step_fn(state, jax.device_put(rows, batch_sh), ref_params)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
-            mngr.wait_until_finished()
-            raise train.TrainingDiverged(f"GRPO step {step + 1}: loss {metrics['loss']}, grad norm "
-                                         f"{metrics['grad_norm']}: not finite, stopped; resume=True continues from "
-                                         f"the last checkpoint in {cfg.out_dir}/checkpoints")
+        train.check_finite(metrics, step + 1, mngr, cfg.out_dir, last_good)
         state = state_new
         done = step + 1
         metrics.update({f"reward_{k}": float(np.mean(np.concatenate([np.asarray(r[k]) for r in per])))
                         for k in per[0]})
         metrics["completion_tokens"] = float(np.mean([len(c) for c in completions]))
         metrics["generate_s"] = gen_s
-        if done % tc.log_every == 0 or done == tc.steps:
-            progress.log(done, metrics, tokens=int(rows["loss_mask"].sum()))
-        else:
-            progress.tokens += int(rows["loss_mask"].sum())
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            train.save_checkpoint(mngr, state, {**meta, "step": done})
+        if train.end_of_step(progress, mngr, state, done, metrics, int(rows["loss_mask"].sum()), cfg, meta):
+            last_good = done
     mngr.wait_until_finished()
     mngr.close()
     progress.close()

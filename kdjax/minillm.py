@@ -179,13 +179,8 @@ def train_minillm(cfg) -> dict:
                               chunk_size=cfg.kd.chunk_size, alpha=float(m.alpha)),
                       in_shardings=(state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, tparams)),
                       out_shardings=(state_sh, None), donate_argnums=0)
-    mngr = train.checkpoint_manager(cfg.out_dir, tc)
-    start = 0
-    if cfg.resume:
-        restored, _ = train.restore_checkpoint(mngr, state)
-        if restored is not None:
-            state, start = restored, int(restored["step"])
-            print(f"resumed from {cfg.out_dir}/checkpoints step {start}", flush=True)
+    mngr, state, start = train.resume(cfg, state)
+    last_good = start
     progress = train.Progress(cfg.out_dir, tc.steps, start)
     stop, pad = stop_tokens_of(tokenizer, student.config), tokenizer.pad_token_id or 0
     meta = {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
@@ -200,20 +195,11 @@ def train_minillm(cfg) -> dict:
         batch = grpo.completion_rows(prompts, completions, pad_id=pad, width=width + m.max_new_tokens)
         new_state, metrics = step_fn(state, jax.device_put(batch, batch_sh), tparams)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
-            mngr.wait_until_finished()
-            raise train.TrainingDiverged(f"MiniLLM step {step + 1}: loss {metrics['loss']}, grad norm "
-                                         f"{metrics['grad_norm']}: not finite, stopped; resume=True continues from "
-                                         f"the last checkpoint in {cfg.out_dir}/checkpoints")
+        train.check_finite(metrics, step + 1, mngr, cfg.out_dir, last_good)
         state, done = new_state, step + 1
         metrics.update(completion_tokens=float(np.mean([len(c) for c in completions])), sample_s=sample_s)
-        tokens = int(batch["loss_mask"].sum())
-        if done % tc.log_every == 0 or done == tc.steps:
-            progress.log(done, metrics, tokens=tokens)
-        else:
-            progress.tokens += tokens
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            train.save_checkpoint(mngr, state, {**meta, "step": done})
+        if train.end_of_step(progress, mngr, state, done, metrics, int(batch["loss_mask"].sum()), cfg, meta):
+            last_good = done
     mngr.wait_until_finished()
     mngr.close()
     progress.close()

@@ -208,6 +208,43 @@ def save_checkpoint(mngr, state, meta):
                                                           meta=ocp.args.JsonSave(meta)))
 
 
+def resume(cfg, state):
+    """(checkpoint manager of out_dir, state, first step): with cfg.resume, the latest checkpoint."""
+    mngr = checkpoint_manager(cfg.out_dir, cfg.train)
+    if not cfg.resume:
+        return mngr, state, 0
+    restored, _ = restore_checkpoint(mngr, state)
+    if restored is None:
+        print(f"resume: no checkpoint in {cfg.out_dir}/checkpoints, starting at step 0", flush=True)
+        return mngr, state, 0
+    print(f"resumed from {cfg.out_dir}/checkpoints step {int(restored['step'])}", flush=True)
+    return mngr, restored, int(restored["step"])
+
+
+def check_finite(metrics, step, mngr, out_dir, last_good):
+    """Stops with TrainingDiverged (naming the step and the last good checkpoint) on inf/NaN."""
+    if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+        mngr.wait_until_finished()
+        raise TrainingDiverged(
+            f"loss {metrics['loss']}, grad norm {metrics['grad_norm']}, parameter norm {metrics['param_norm']} "
+            f"at step {step}: not finite, stopped. The last good checkpoint is step {last_good} in "
+            f"{out_dir}/checkpoints (resume=True continues from it; lower --config.train.lr?)")
+
+
+def end_of_step(progress, mngr, state, done, metrics, tokens, cfg, meta) -> bool:
+    """The on-policy loops' (GRPO, MiniLLM) log line every log_every steps and checkpoint every
+    checkpoint_every steps (and at the last); True when a checkpoint was written."""
+    tc = cfg.train
+    if done % tc.log_every == 0 or done == tc.steps:
+        progress.log(done, metrics, tokens=tokens)
+    else:
+        progress.tokens += tokens
+    if done % tc.checkpoint_every == 0 or done == tc.steps:
+        save_checkpoint(mngr, state, {**meta, "step": done})
+        return True
+    return False
+
+
 def restore_checkpoint(mngr, state):
     import orbax.checkpoint as ocp
     step = mngr.latest_step()
@@ -349,15 +386,7 @@ def train(cfg) -> dict:
                                     jax.tree.map(lambda x: x.sharding, tparams)),
                       out_shardings=(state_sh, None), donate_argnums=0)
 
-    mngr = checkpoint_manager(cfg.out_dir, tc)
-    start = 0
-    if cfg.resume:
-        restored, meta = restore_checkpoint(mngr, state)
-        if restored is not None:
-            state, start = restored, int(restored["step"])
-            print(f"resumed from {cfg.out_dir}/checkpoints step {start}", flush=True)
-        else:
-            print(f"resume: no checkpoint in {cfg.out_dir}/checkpoints, starting at step 0", flush=True)
+    mngr, state, start = resume(cfg, state)
     best = read_best(cfg.out_dir) if select and cfg.resume else None
     if select and not cfg.resume:
         shutil.rmtree(os.path.join(cfg.out_dir, BEST), ignore_errors=True)  # a fresh run's own best only
@@ -370,13 +399,7 @@ def train(cfg) -> dict:
         batch = jax.device_put({k: batch[k] for k in kdata.ROW_KEYS}, _batch_sharding(mesh))
         new_state, metrics = step_fn(state, batch, tparams)
         metrics = jax.device_get(metrics)
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
-            mngr.wait_until_finished()
-            raise TrainingDiverged(
-                f"loss {metrics['loss']}, grad norm {metrics['grad_norm']}, parameter norm {metrics['param_norm']} "
-                f"at step {step + 1}: not finite, stopped. The "
-                f"last good checkpoint is step {last_good} in {cfg.out_dir}/checkpoints (resume=True continues "
-                f"from it; lower --config.train.lr?)")
+        check_finite(metrics, step + 1, mngr, cfg.out_dir, last_good)
         state = new_state
         done = step + 1
         metrics.pop("num_tokens")

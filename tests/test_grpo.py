@@ -1,9 +1,6 @@
 """GRPO: rewards on hand-made completions, advantages and the objective against float64 numpy,
 the chunked per-token log-probabilities, a tiny policy that learns a reward, exact resume."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +11,7 @@ from flax import nnx
 import kdjax
 from kdjax import data, gguf_io, grpo, grpo_config, losses
 from kdjax.config import ModelConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_kdjax, set_fields
 
 GOOD = ("<think>\nStep 1: add the numbers.\nStep 2: return the sum.\n</think>\n"
         "```python\ndef add(a, b):\n    return a + b\n```")
@@ -124,13 +120,7 @@ def config(setup, out, **kw):
     c.grpo.system, c.grpo.max_new_tokens, c.grpo.num_generations = "", 8, 4
     c.train.steps, c.train.lr, c.train.checkpoint_every = 12, 3e-3, 4
     c.mesh.num_devices = 1
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, **kw)
 
 
 def share_of_e(texts, record):  # a reward the tiny random policy can learn: the letter "e"
@@ -172,14 +162,12 @@ def test_cli_runs_grpo_and_reports(setup, tmp_path):
             "--config.data.test=2", "--config.eval.num_samples=2", "--config.train.steps=2",
             "--config.train.checkpoint_every=2", "--config.grpo.max_new_tokens=8", "--config.mesh.num_devices=1",
             f"--config.out_dir={out}"]
-    proc = subprocess.run([sys.executable, "-m", "kdjax", "grpo", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = run_kdjax("grpo", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2/2" in proc.stdout and "reward_tests" in proc.stdout
     report = (out / "report.md").read_text()
     assert "| before GRPO |" in report and "| after GRPO |" in report
     assert json.load(open(out / "report.json"))["after GRPO"]["pass_at_1"] == 0.0  # a random tiny policy
     kdjax.load(str(out / "policy"))
-    helped = subprocess.run([sys.executable, "-m", "kdjax", "grpo", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    helped = run_kdjax("grpo", "--help", timeout=120)
     assert helped.returncode == 0 and "--config" in helped.stdout and "GRPO" in helped.stdout

@@ -1,9 +1,5 @@
 """MiniLLM: the objective and its pieces against float64 numpy, teacher-mixed sampling at its
 ends, and a short run that brings a student's reverse KL to a peaked teacher down."""
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +9,7 @@ import kdjax
 from kdjax import data, gguf_io, losses, minillm, train_config
 from kdjax.config import ModelConfig
 from kdjax.generate import generate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_kdjax, set_fields
 
 
 def test_future_reward_is_the_mean_over_later_tokens():
@@ -111,13 +106,7 @@ def config(setup, out, **kw):
     c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps, c.train.log_every = 15, 8, 2e-2, 0, 1
     c.minillm.max_new_tokens = 8
     c.mesh.num_devices = 1
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, **kw)
 
 
 def test_minillm_brings_the_reverse_kl_down(setup, tmp_path):
@@ -140,8 +129,7 @@ def test_cli_minillm_reports(setup, tmp_path):
             "--config.train.checkpoint_every=2", "--config.minillm.max_new_tokens=4", "--config.eval.num_samples=2",
             "--config.eval.max_new_tokens=4", "--config.eval.curve_samples=0", "--config.mesh.num_devices=1",
             f"--config.out_dir={out}"]
-    proc = subprocess.run([sys.executable, "-m", "kdjax", "minillm", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = run_kdjax("minillm", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2/2" in proc.stdout and "token_rkl" in proc.stdout
     report = (out / "report.md").read_text()

@@ -16,6 +16,7 @@ import kdjax
 from kdjax import checkpoint, data, evaluate, gguf_io, train, train_config
 from kdjax.config import ModelConfig
 from kdjax.sharding import make_mesh
+from helpers import set_fields
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,7 @@ def config(setup, out, **kw):
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 0, 4
     c.kd.chunk_size = 96
     c.eval.num_samples = 0
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, **kw)
 
 
 def losses_of(out):
