@@ -70,7 +70,11 @@ def tests_reward(text: str, record: kdata.Record, *, timeout_s: float = 5.0) -> 
     if not record.tests:
         raise ValueError(f"{record.source or 'record'}: no tests; GRPO's tests reward needs MBPP / HumanEval "
                          f"style records")
-    result = run_tests(answer_code(text), record.tests if record.entry_point is None else record.tests[0],
+    code = answer_code(text)
+    if record.entry_point is not None:  # HumanEval: the prompt's imports (typing.List, math) come with it
+        imports = [l for l in record.prompt.splitlines() if l.startswith(("import ", "from "))]
+        code = "\n".join(imports + [code])
+    result = run_tests(code, record.tests if record.entry_point is None else record.tests[0],
                        timeout_s, entry_point=record.entry_point, setup_code=record.test_setup)
     return result.fraction_passed
 

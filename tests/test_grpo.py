@@ -37,6 +37,10 @@ def test_rewards_on_hand_made_completions():
     answer = f"<think>Step 1: read it.</think>\n```python\n{he.prompt}{he.response}\n```"
     assert grpo.tests_reward(answer, he) == 1.0
     assert grpo.tests_reward(answer.replace("return", "return not", 1), he) == 0.0
+    # an answer that leaves out the prompt's `from typing import List` still runs
+    bare = f"<think>Step 1: read it.</think>\n```python\n{he.prompt.split('from typing import List')[1]}{he.response}\n```"
+    assert "List[" in bare and "import" not in bare.split("```python")[1].split("def")[0]
+    assert grpo.tests_reward(bare, he) == 1.0
 
 
 def test_length_rewards_and_advantages_match_their_definitions():
