@@ -112,6 +112,7 @@ def setup(tmp_path_factory):
     # 300 ids: the tokenizer's bytes and first merges ("f3" is [86, 35]), so a few steps can move the policy
     cfg = ModelConfig.preset("tiny-llama", vocab_size=300, num_layers=2, max_position_embeddings=128)
     kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "policy"), format="kdjax", tokenizer=tok)
+    kdjax.save(kdjax.Qwen2(cfg, seed=3), str(root / "other"), format="kdjax")  # a teacher for MiniLLM's step
     records = [data.Record(prompt=f"f{i}", response=f"def f{i}(): return {i}", tests=(f"assert f{i}() == {i}",)) for i in range(12)]
     data.save_records(records, str(root / "problems.jsonl"))
     return root
@@ -175,3 +176,37 @@ def test_cli_runs_grpo_and_reports(setup, tmp_path):
     kdjax.load(str(out / "policy"))
     helped = run_kdjax("grpo", "--help", timeout=120)
     assert helped.returncode == 0 and "--config" in helped.stdout and "GRPO" in helped.stdout
+
+
+def test_one_device_step_equals_eight(setup):
+    """grpo_step and minillm_step on a 2x2x2 mesh (8 simulated devices, parameters sharded over
+    fsdp and tensor) give the 1-device loss, metrics and updated weights."""
+    from kdjax import minillm, train
+    from kdjax.sharding import make_mesh
+    policy_src, rng = str(setup / "policy"), np.random.default_rng(4)
+    prompts = [list(rng.integers(1, 300, 5)) for _ in range(8)]
+    completions = [list(rng.integers(1, 300, rng.integers(2, 9))) for _ in range(8)]
+    rows = grpo.completion_rows(prompts, completions, pad_id=0, width=16)
+    rows["adv"] = grpo.advantages(rng.normal(size=8), 4).astype(np.float32)
+    tc = grpo_config.get_config().train
+    results = []
+    for n, shape in ((1, (1, 1, 1)), (8, (2, 2, 2))):
+        mesh = make_mesh(*shape, devices=jax.devices()[:n])
+        model = kdjax.load(policy_src, mesh=mesh)[0]
+        teacher = kdjax.load(str(setup / "other"), mesh=mesh)[0]
+        tx = train.make_optimizer(tc)
+        graphdef, state, state_sh = train.init_state(model, tx, mesh)
+        batch = jax.device_put(rows, train._batch_sharding(mesh))
+        tparams = nnx.to_pure_dict(nnx.state(teacher))
+        g_state, g_metrics = jax.jit(lambda s, b, r: grpo.grpo_step(
+            s, b, r, tx=tx, graphdef=graphdef, ref_graphdef=nnx.graphdef(teacher), beta=0.04, chunk_size=24),
+            out_shardings=(state_sh, None))(state, batch, tparams)
+        graphdef, state, _ = train.init_state(kdjax.load(policy_src, mesh=mesh)[0], tx, mesh)
+        m_state, m_metrics = jax.jit(lambda s, b, t: minillm.minillm_step(
+            s, b, t, tx=tx, graphdef=graphdef, teacher_graphdef=nnx.graphdef(teacher), vocab_size=300,
+            chunk_size=24, alpha=0.2), out_shardings=(state_sh, None))(state, batch, tparams)
+        assert float(m_metrics["token_rkl"]) > 0.01 and float(g_metrics["grad_norm"]) > 0.01  # not vacuous
+        results.append([jax.device_get(x) for x in (g_metrics, g_state["params"], m_metrics, m_state["params"])])
+    for one, eight in zip(*results):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
