@@ -11,8 +11,9 @@ One step, for `train.batch_size` prompts of the training split:
   3. loss = sum_t w_t [KL_t - sg(R_t) l_t] / (completion tokens of the batch): its gradient is
      MiniLLM's single-step decomposition of the reverse-KL policy gradient with teacher-mixed
      sampling and length normalisation (w and R carry no gradient).
-One optimizer step per sample batch, so PPO's ratio is 1 and its clip inactive (omitted); the
-paper's extra language-modelling loss on pre-training data is not included. The vocabulary terms
+One optimizer step per sample batch, so PPO's ratio is 1 and its clip inactive (omitted). In
+place of the paper's language-modelling loss on pre-training data, `minillm.ce_weight` adds the
+cross-entropy of a batch of the training data's responses each step. The vocabulary terms
 come chunk by chunk from the hidden states (`losses.token_reverse_kl`): no [rows, length, vocab]
 tensor. Sampling is seeded by the step: a resumed run continues exactly.
 
@@ -132,13 +133,24 @@ def minillm_objective(rkl, logq, logp, mask, alpha: float):
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def minillm_step(state, batch, teacher_params, *, tx, graphdef, teacher_graphdef, vocab_size, chunk_size, alpha):
+def minillm_step(state, batch, teacher_params, data_batch=None, *, tx, graphdef, teacher_graphdef, vocab_size,
+                 chunk_size, alpha, ce_weight=0.0):
+    """(state, sampled completion rows, teacher, data rows) -> (state, metrics). With ce_weight > 0
+    the cross-entropy of the data rows' responses is added (in place of MiniLLM's pre-training LM
+    loss: it keeps the student on the data while it follows its own samples)."""
     def loss_fn(params):
         h, head = train._forward(graphdef, params, batch)
         th, thead = jax.tree.map(jax.lax.stop_gradient, train._forward(teacher_graphdef, teacher_params, batch))
         rkl, logq, logp = losses.token_reverse_kl(h, head, th, thead, batch["targets"], vocab_size=vocab_size,
                                                   chunk_size=chunk_size)
-        return minillm_objective(rkl, logq, jax.lax.stop_gradient(logp), batch["loss_mask"], alpha)
+        loss, metrics = minillm_objective(rkl, logq, jax.lax.stop_gradient(logp), batch["loss_mask"], alpha)
+        if ce_weight and data_batch is not None:
+            dh, dhead = train._forward(graphdef, params, data_batch)
+            ce, _ = losses.chunked_cross_entropy(dh, dhead, data_batch["targets"], data_batch["loss_mask"],
+                                                 vocab_size=vocab_size, chunk_size=chunk_size)
+            loss = loss + ce_weight * ce
+            metrics["ce_loss"] = jax.lax.stop_gradient(ce)
+        return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -175,9 +187,11 @@ def train_minillm(cfg) -> dict:
     tgraph, tparams = nnx.graphdef(teacher), nnx.to_pure_dict(nnx.state(teacher))
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     batch_sh = train._batch_sharding(mesh)
+    ce_weight = float(m.get("ce_weight", 0.0))
     step_fn = jax.jit(partial(minillm_step, tx=tx, graphdef=graphdef, teacher_graphdef=tgraph, vocab_size=vocab,
-                              chunk_size=cfg.kd.chunk_size, alpha=float(m.alpha)),
-                      in_shardings=(state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, tparams)),
+                              chunk_size=cfg.kd.chunk_size, alpha=float(m.alpha), ce_weight=ce_weight),
+                      in_shardings=(state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, tparams),
+                                    batch_sh if ce_weight else None),
                       out_shardings=(state_sh, None), donate_argnums=0)
     mngr, state, start = train.resume(cfg, state)
     last_good = start
@@ -193,7 +207,11 @@ def train_minillm(cfg) -> dict:
                                    seed=tc.seed * 1_000_003 + step, width=width)
         sample_s = time.time() - t0
         batch = grpo.completion_rows(prompts, completions, pad_id=pad, width=width + m.max_new_tokens)
-        new_state, metrics = step_fn(state, jax.device_put(batch, batch_sh), tparams)
+        data_batch = None
+        if ce_weight:
+            data_batch = kdata.batch_at(rows["train"], step, batch_size=tc.batch_size, seed=tc.seed)
+            data_batch = jax.device_put({k: data_batch[k] for k in kdata.ROW_KEYS}, batch_sh)
+        new_state, metrics = step_fn(state, jax.device_put(batch, batch_sh), tparams, data_batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         train.check_finite(metrics, step + 1, mngr, cfg.out_dir, last_good)
         state, done = new_state, step + 1

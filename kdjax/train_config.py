@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/minillm.py)
     c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)
     c.minillm.max_new_tokens = 64  # tokens sampled a prompt
+    c.minillm.ce_weight = 1.0  # + this x cross-entropy on the data's responses (MiniLLM adds an LM loss)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
