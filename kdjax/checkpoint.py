@@ -319,8 +319,11 @@ def load_kdjax(path: str, *, mesh=None, **overrides) -> Qwen2:
     with open(os.path.join(path, KDJAX_CONFIG)) as f:
         stored = json.load(f)
     cfg = ModelConfig(**stored).replace(**overrides)
-    stored_cfg = ModelConfig(**stored)
-    model = nnx.eval_shape(lambda: Qwen2(stored_cfg))
+    # Read into the target config unless the parameter dtype changes (then cast after reading):
+    # runtime options (compute dtype, remat, attention) need no copy of the weights.
+    same_dtype = cfg.param_dtype == stored.get("param_dtype", cfg.param_dtype)
+    read_cfg = cfg if same_dtype else ModelConfig(**stored)
+    model = nnx.eval_shape(lambda: Qwen2(read_cfg))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
 
@@ -333,7 +336,7 @@ def load_kdjax(path: str, *, mesh=None, **overrides) -> Qwen2:
         restored = ckptr.restore(os.path.abspath(os.path.join(path, "params")), abstract)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
-    if overrides:  # a different compute / parameter dtype than stored
+    if not same_dtype:
         new = nnx.eval_shape(lambda: Qwen2(cfg))
         g2, s2 = nnx.split(new)
         src = {p: v for p, v in nnx.to_flat_state(nnx.split(model)[1])}

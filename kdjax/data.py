@@ -711,9 +711,14 @@ def split_records(records: Sequence[Record], *, seed: int, valid: float | int = 
             "train": picked[n_test + n_valid:]}
 
 
+def shuffle_order(records: Sequence[Record], *, seed: int) -> list[int]:
+    """The indices of a deterministic shuffle of the records (by content hash, as in split_records)."""
+    return sorted(range(len(records)), key=lambda i: (_hash_key(records[i], seed), i))
+
+
 def shuffle_records(records: Sequence[Record], *, seed: int) -> list[Record]:
     """A deterministic shuffle of the records (by content hash, as in split_records)."""
-    return [records[i] for i in sorted(range(len(records)), key=lambda i: (_hash_key(records[i], seed), i))]
+    return [records[i] for i in shuffle_order(records, seed=seed)]
 
 
 def steps_per_epoch(rows: Rows, batch_size: int) -> int:

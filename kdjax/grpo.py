@@ -40,7 +40,6 @@ from kdjax import data as kdata
 from kdjax import losses, train
 from kdjax.checkpoint import load
 from kdjax.generate import generate, stop_tokens_of
-from kdjax.sharding import make_mesh
 
 # ---- rewards -------------------------------------------------------------------------------
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(\S.*)$", re.S)
@@ -182,9 +181,15 @@ def load_problems(cfg) -> dict[str, list[kdata.Record]]:
     return {"train": splits["train"], "test": splits["test"]}
 
 
-def prompts_at(records, step: int, batch_size: int, seed: int) -> list[kdata.Record]:
-    """The step's prompts: passes over a seeded shuffle, a pure function of the step (resume)."""
-    order = kdata.shuffle_records(records, seed=seed)
+def prompts_that_fit(records, ids, room: int) -> tuple[list, list]:
+    """(records, prompt ids) of the prompts of 1 to `room` tokens."""
+    kept = [(r, p) for r, p in zip(records, ids) if 0 < len(p) <= room]
+    return [r for r, _ in kept], [p for _, p in kept]
+
+
+def at_step(order: Sequence[int], step: int, batch_size: int) -> list[int]:
+    """The step's entries of `order` (a seeded shuffle, made once), taken in passes: a pure
+    function of the step, so a resumed run sees the same prompts."""
     return [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
 
 
@@ -234,12 +239,8 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
     reward_fn(texts, record) -> {"total": [G], ...}: replaces `group_rewards` (tests use it)."""
     check_config(cfg)
     tc, g = cfg.train, cfg.grpo
-    devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    rows_per_step = tc.batch_size * g.num_generations
-    if rows_per_step % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"{tc.batch_size} prompts x {g.num_generations} completions do not split over the "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']} data*fsdp devices")
+    mesh = train.config_mesh(cfg, tc.batch_size * g.num_generations,
+                             f"a step's {tc.batch_size} prompts x {g.num_generations} completions")
     os.makedirs(cfg.out_dir, exist_ok=True)
     src = cfg.student or cfg.teacher
     kw = dict(dtype=cfg.dtype, mesh=mesh, remat=cfg.remat, remat_policy=cfg.get("remat_policy"),
@@ -250,16 +251,18 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
     ref = load(src, **dict(kw, remat=False))[0] if g.beta > 0 else None
     problems = load_problems(cfg)
     room = min(cfg.data.max_length, policy.config.max_position_embeddings - g.max_new_tokens)
+    prompt_ids = {}
     for split, recs in problems.items():
-        problems[split] = [r for r, ids in zip(recs, encode(recs, tokenizer, cfg)) if len(ids) <= room]
+        problems[split], prompt_ids[split] = prompts_that_fit(recs, encode(recs, tokenizer, cfg), room)
         if len(problems[split]) < len(recs):
             print(f"{split}: left out {len(recs) - len(problems[split])} problems whose prompt is over {room} "
                   f"tokens (--config.data.max_length)", flush=True)
     if not problems["train"]:
         raise ValueError(f"no training problem has a prompt of at most {room} tokens; raise --config.data.max_length")
+    order = kdata.shuffle_order(problems["train"], seed=tc.seed)
     # One shape for every step (one compilation of the sampler and of the update): prompts are
     # left-padded to the longest training prompt, rows right-padded to it plus max_new_tokens.
-    prompt_width = -(-max(map(len, encode(problems["train"], tokenizer, cfg))) // 64) * 64
+    prompt_width = -(-max(map(len, prompt_ids["train"])) // 64) * 64
     row_width = prompt_width + g.max_new_tokens
     print(f"data: {len(problems['train'])} train problems, {len(problems['test'])} test problems; "
           f"{tc.batch_size} prompts x {g.num_generations} completions a step; mesh {dict(mesh.shape)}", flush=True)
@@ -283,8 +286,9 @@ def train_grpo(cfg, reward_fn: Callable | None = None) -> dict:
     meta = {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
     for step in range(start, tc.steps):
         t0 = time.time()
-        records = prompts_at(problems["train"], step, tc.batch_size, tc.seed)
-        prompts = [p for p in encode(records, tokenizer, cfg) for _ in range(g.num_generations)]
+        picked = at_step(order, step, tc.batch_size)
+        records = [problems["train"][i] for i in picked]
+        prompts = [prompt_ids["train"][i] for i in picked for _ in range(g.num_generations)]
         model = nnx.merge(graphdef, state["params"])
         completions = generate(model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                top_p=g.top_p, stop_tokens=stop, pad_id=pad, seed=tc.seed * 1_000_003 + step,

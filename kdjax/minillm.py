@@ -37,7 +37,6 @@ from flax import nnx
 from kdjax import data as kdata
 from kdjax import grpo, losses, train
 from kdjax.generate import sample_logits, stop_tokens_of
-from kdjax.sharding import make_mesh
 
 
 # ---- teacher-mixed sampling ----------------------------------------------------------------
@@ -165,21 +164,18 @@ def train_minillm(cfg) -> dict:
     tc, m = cfg.train, cfg.minillm
     if not 0 <= m.alpha < 1:
         raise ValueError(f"--config.minillm.alpha={m.alpha}: the teacher's share of the sampling, in [0, 1)")
-    devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    if tc.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"--config.train.batch_size={tc.batch_size} does not split over the "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']} data*fsdp devices")
+    mesh = train.config_mesh(cfg, tc.batch_size, "a step's prompts (--config.train.batch_size)")
     os.makedirs(cfg.out_dir, exist_ok=True)
     teacher, student, tokenizer = train.load_models(cfg, mesh)
     splits, rows = train.load_data(cfg.data, tokenizer, student.config.max_position_embeddings)
     room = min(cfg.data.max_length, student.config.max_position_embeddings - m.max_new_tokens)
     prompts_of = lambda recs: kdata._encode_all(tokenizer, [kdata.render_prompt(r, cfg.data.template, tokenizer)
                                                             for r in recs])
-    records = [r for r, ids in zip(splits["train"], prompts_of(splits["train"])) if 0 < len(ids) <= room]
+    records, train_ids = grpo.prompts_that_fit(splits["train"], prompts_of(splits["train"]), room)
     if not records:
         raise ValueError(f"no training prompt fits {room} tokens; raise --config.data.max_length")
-    width = -(-max(map(len, prompts_of(records))) // 64) * 64  # one shape: one compilation
+    order = kdata.shuffle_order(records, seed=tc.seed)
+    width = -(-max(map(len, train_ids)) // 64) * 64  # one shape: one compilation
     print(f"data: {len(records)} train prompts (of at most {room} tokens); mesh {dict(mesh.shape)}", flush=True)
 
     tx = train.make_optimizer(tc)
@@ -200,8 +196,7 @@ def train_minillm(cfg) -> dict:
     meta = {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)}
     for step in range(start, tc.steps):
         t0 = time.time()
-        batch_records = grpo.prompts_at(records, step, tc.batch_size, tc.seed)
-        prompts = prompts_of(batch_records)
+        prompts = [train_ids[i] for i in grpo.at_step(order, step, tc.batch_size)]
         completions = sample_mixed(nnx.merge(graphdef, state["params"]), teacher, prompts, alpha=m.alpha,
                                    max_new_tokens=m.max_new_tokens, stop_tokens=stop, pad_id=pad,
                                    seed=tc.seed * 1_000_003 + step, width=width)

@@ -178,6 +178,18 @@ def train_step(state, batch, teacher_params, *, tx, accum, **loss_kw):
     return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
+def config_mesh(cfg, rows: int, what: str):
+    """The mesh of cfg.mesh; `rows` (a micro-batch, `what` in the error) must split over its
+    data * fsdp devices."""
+    devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % shards:
+        raise ValueError(f"{what}, {rows} rows, does not split over the {shards} data*fsdp devices; change "
+                         f"--config.train.batch_size or the mesh")
+    return mesh
+
+
 def init_state(model, tx, mesh):
     """(graphdef, state, state shardings) of a model to train: state = {params (plain dict), AdamW
     state, step}. Adam's moments are sharded exactly like their parameters (FSDP shards optimizer
@@ -359,12 +371,7 @@ def train(cfg) -> dict:
     if select == "rougeL" and not cfg.eval.curve_samples:
         raise ValueError("--config.train.select_best='rougeL' needs --config.eval.curve_samples > 0 "
                          "(validation prompts scored at every eval)")
-    devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (tc.batch_size // tc.grad_accum) % shards:
-        raise ValueError(f"micro-batch of {tc.batch_size // tc.grad_accum} rows does not split over the "
-                         f"{shards} data*fsdp devices; change --config.train.batch_size or the mesh")
+    mesh = config_mesh(cfg, tc.batch_size // tc.grad_accum, "the micro-batch")
     os.makedirs(cfg.out_dir, exist_ok=True)
     teacher, student, tokenizer = load_models(cfg, mesh)
     splits, rows = load_data(cfg.data, tokenizer, student.config.max_position_embeddings)
