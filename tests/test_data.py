@@ -413,10 +413,10 @@ def test_chat_template_and_prompts_for_generation(byte_tokenizer):
     rows = data.make_rows(RECS, byte_tokenizer, max_length=128, template="chat")
     first = rows["input_ids"][0][rows["segment_ids"][0] > 0]
     assert byte_tokenizer.decode(first).startswith("<|im_start|>user\nAdd 2 and 2.<|im_end|>")
-    prompts = data.encode_prompts(RECS, byte_tokenizer, max_length=64, template="chat")
-    for rec, ids, seg in zip(RECS, prompts["input_ids"], prompts["segment_ids"]):
-        assert byte_tokenizer.decode(ids[seg > 0]) == data.render_prompt(rec, "chat", byte_tokenizer)
-        assert seg[-1] == 1 and prompts["loss_mask"].sum() == 0
+    prompts = data.prompt_ids(RECS, byte_tokenizer, template="chat")
+    for rec, ids, row, seg in zip(RECS, prompts, rows["input_ids"], rows["segment_ids"]):
+        assert byte_tokenizer.decode(ids) == data.render_prompt(rec, "chat", byte_tokenizer)
+        assert list(row[:len(ids)]) == ids  # the prompt starts each training row exactly
     with pytest.raises(ValueError, match="chat_template"):
         data.render_prompt(RECS[0], "chat", None)
 
