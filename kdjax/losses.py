@@ -491,60 +491,115 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, vocab_size=None, chunk
                     normalizer=normalizer)
 
 
-# ---- per-token log-probabilities (policy gradients: GRPO) ------------------------------------
+# ---- per-token values for the on-policy objectives (GRPO, MiniLLM) ---------------------------
+def _token_axes(mesh):
+    """(token axes, vocabulary axis, token shards, vocabulary shards) of the rule table on `mesh`."""
+    if mesh is None:
+        return (), None, 1, 1
+    missing = [a for a in MESH_AXES if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"mesh {dict(mesh.shape)} lacks axes {missing}; build it with kdjax.sharding.make_mesh")
+    rule = LOGICAL_RULES["batch"]
+    token_axes = (rule,) if isinstance(rule, str) else tuple(rule)
+    tensor_axis = LOGICAL_RULES["vocab"]
+    return token_axes, tensor_axis, math.prod(mesh.shape[a] for a in token_axes), mesh.shape[tensor_axis]
+
+
+def _per_token(fn, s_h, s_w, t_h, t_w, targets, *, vocab, chunk_size, mesh, temperature, n_out):
+    """Per-token values [B, T] (n_out of them) of `fn(s_logp, t_logp, hit, vsum)` over token
+    chunks, with tokens split over the mesh's batch axes and the vocabulary over "tensor"
+    (shard_map), each chunk under `jax.checkpoint`: its [chunk, V / shards] logits exist only while
+    it is computed, forward and (recomputed) backward. s_logp / t_logp: this shard's columns of
+    the log-softmax over the whole vocabulary; hit: [chunk, V / shards] target one-hots; vsum: the
+    sum over the vocabulary shards. Gradients reach the student's arguments."""
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    b, t = s_h.shape[:2]
+    if targets.shape != (b, t):
+        raise ValueError(f"targets {targets.shape} must be [B, T] = {(b, t)}")
+    token_axes, tensor_axis, n_tok, n_voc = _token_axes(mesh)
+    n = b * t
+    local = -(-n // n_tok)
+    n_chunks = -(-local // chunk_size)
+    chunk = -(-local // n_chunks)
+    pad_n = n_tok * n_chunks * chunk - n
+    pad_v = -vocab % n_voc
+
+    def tokens(x):
+        x = x.reshape(n, *x.shape[2:])
+        return jnp.pad(x, [(0, pad_n)] + [(0, 0)] * (x.ndim - 1))
+
+    def head(w):
+        return jnp.pad(w[:, :vocab], [(0, 0), (0, pad_v)])
+
+    teacher = () if t_w is None else (tokens(t_h), head(t_w))
+    args = (tokens(s_h), head(s_w), tokens(jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)), teacher)
+
+    def device(sh_all, sw, tg_all, teacher):
+        v = sw.shape[1]
+        offset = lax.axis_index(tensor_axis) * v if tensor_axis is not None else 0
+        cols = offset + jnp.arange(v)
+        valid = cols < vocab
+        vsum = (lambda x: lax.psum(x, tensor_axis)) if tensor_axis is not None else (lambda x: x)
+        m = sh_all.shape[0]
+        chunks = lambda x: x.reshape(m // chunk, chunk, *x.shape[1:])
+
+        @jax.checkpoint
+        def one(xs):
+            sh, y, th = xs
+            s_logp = _sharded_log_softmax(jnp.dot(sh, sw.astype(sh.dtype), preferred_element_type=jnp.float32)
+                                          / temperature, valid, tensor_axis)
+            t_logp = None if th is None else _sharded_log_softmax(
+                jnp.dot(th, teacher[1].astype(th.dtype), preferred_element_type=jnp.float32) / temperature,
+                valid, tensor_axis)
+            return fn(s_logp, t_logp, cols[None, :] == y[:, None], vsum)
+
+        outs = lax.map(one, (chunks(sh_all), chunks(tg_all), chunks(teacher[0]) if teacher else None))
+        return tuple(o.reshape(-1) for o in outs)
+
+    if mesh is None:
+        outs = device(*args)
+    else:
+        tok, voc = P(token_axes, None), P(None, tensor_axis)
+        in_specs = (tok, voc, P(token_axes), (tok, voc) if teacher else ())
+        placed = jax.tree.map(lambda x, spec: constrain(x, spec, mesh), args, in_specs)
+        outs = _shard_map(device, mesh=mesh, in_specs=in_specs, out_specs=(P(token_axes),) * n_out,
+                          **{_SHARD_MAP_CHECK: True})(*placed)
+    return tuple(o[:n].reshape(b, t) for o in outs)
+
+
+def _pick(logp, hit, vsum):
+    """logp[target] per row, from this shard's columns."""
+    return vsum(jnp.sum(jnp.where(hit, logp, 0.0), axis=-1))
+
+
 def token_logprobs(hidden, head, targets, *, vocab_size: int | None = None, chunk_size: int = 1024,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, mesh=None):
     """log softmax(hidden @ head / temperature)[targets] for every token: [B, T] fp32.
 
-    hidden [B, T, D], head [D, V] (the output head), targets [B, T] int. Tokens are processed in
-    chunks of `chunk_size` under `jax.checkpoint`: a chunk's [chunk, V] logits exist only while
-    it is computed, forward and (recomputed) backward, so memory grows with the chunk, not with
-    B x T. vocab_size: score over the first `vocab_size` head columns only (a padded table).
+    hidden [B, T, D], head [D, V] (the output head), targets [B, T] int. Chunked over tokens
+    and, with `mesh`, split over its batch axes (tokens) and "tensor" (vocabulary) like the KD
+    loss; no [B, T, V] tensor, a chunk's logits are recomputed in the backward pass.
+    vocab_size: score over the first `vocab_size` head columns only (a padded table).
     """
-    _check_temperature(temperature)
-    b, t, d = hidden.shape
-    v = vocab_size or head.shape[-1]
-    n = b * t
-    chunk = max(1, min(chunk_size, n))
-    pad = (-n) % chunk
-    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(-1, chunk)
-
-    @jax.checkpoint
-    def one(hy):
-        hc, yc = hy
-        logits = jnp.dot(hc, head[:, :v].astype(hc.dtype), preferred_element_type=jnp.float32) / temperature
-        picked = jnp.take_along_axis(logits, jnp.clip(yc, 0, v - 1)[:, None], axis=1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    return jax.lax.map(one, (h, y)).reshape(-1)[:n].reshape(b, t)
+    _check_head("hidden", hidden, "head", head)
+    vocab = _shared_vocab(head.shape[-1], None, vocab_size)
+    return _per_token(lambda s, t, hit, vsum: (_pick(s, hit, vsum),), hidden, head, None, None, targets,
+                      vocab=vocab, chunk_size=chunk_size, mesh=mesh, temperature=temperature, n_out=1)[0]
 
 
 def token_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, targets, *,
-                     vocab_size: int | None = None, chunk_size: int = 1024):
+                     vocab_size: int | None = None, chunk_size: int = 1024, mesh=None):
     """Per token (MiniLLM): KL(q || p) over the vocabulary, log q(target) and log p(target), each
-    [B, T] fp32, from hidden states and heads chunk by chunk under `jax.checkpoint` (no [B, T, V]
-    tensor; the backward pass recomputes one chunk's logits at a time). Gradients reach the
-    student's arguments; stop them on the teacher's."""
-    b, t, _ = student_hidden.shape
-    v = _shared_vocab(student_head.shape[-1], teacher_head.shape[-1], vocab_size)
-    n = b * t
-    chunk = max(1, min(chunk_size, n))
-    pad = (-n) % chunk
+    [B, T] fp32, chunked and sharded as `token_logprobs`. Gradients reach the student's
+    arguments; stop them on the teacher's."""
+    _check_head("student_hidden", student_hidden, "student_head", student_head)
+    _check_head("teacher_hidden", teacher_hidden, "teacher_head", teacher_head)
+    vocab = _shared_vocab(student_head.shape[-1], teacher_head.shape[-1], vocab_size)
 
-    def rows(x):
-        x = x.reshape(n, *x.shape[2:])
-        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+    def fn(s_logp, t_logp, hit, vsum):
+        return vsum(reverse_kl_per_token(s_logp, t_logp)), _pick(s_logp, hit, vsum), _pick(t_logp, hit, vsum)
 
-    @jax.checkpoint
-    def one(xs):
-        sh, th, y = xs
-        s_logp = jax.nn.log_softmax(jnp.dot(sh, student_head[:, :v].astype(sh.dtype),
-                                            preferred_element_type=jnp.float32), axis=-1)
-        t_logp = jax.nn.log_softmax(jnp.dot(th, teacher_head[:, :v].astype(th.dtype),
-                                            preferred_element_type=jnp.float32), axis=-1)
-        pick = lambda lp: jnp.take_along_axis(lp, jnp.clip(y, 0, v - 1)[:, None], axis=1)[:, 0]
-        return reverse_kl_per_token(s_logp, t_logp), pick(s_logp), pick(t_logp)
-
-    out = jax.lax.map(one, (rows(student_hidden), rows(teacher_hidden), rows(targets.astype(jnp.int32))))
-    return tuple(x.reshape(-1)[:n].reshape(b, t) for x in out)
+    return _per_token(fn, student_hidden, student_head, teacher_hidden, teacher_head, targets, vocab=vocab,
+                      chunk_size=chunk_size, mesh=mesh, temperature=1.0, n_out=3)
