@@ -15,9 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.config import ModelConfig
+from kdjax.sharding import shard_constraint
 
 _init = nnx.initializers.normal(0.02)
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
+# The residual stream's logical axes: laid out by kdjax.sharding's rule table on the mesh set with
+# jax.set_mesh (the trainer's), rows over the data-parallel axes; no-op without one.
+ACTIVATION = ("batch", "length", "embed")
 
 
 class Linear(nnx.Module):
@@ -197,7 +201,7 @@ class Qwen2(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(am, axis=1) - 1, 0)
             if cache is not None:
                 positions = positions + cache["next_pos"][:, None]
-        x = self.embed_tokens(input_ids)
+        x = shard_constraint(self.embed_tokens(input_ids), ACTIVATION)
         if cache is None:
             index = mask = None  # None: causal
             if segment_ids is not None:
@@ -218,6 +222,7 @@ class Qwen2(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache["kv"][i]
             x, kv = call(layer, x, positions, mask, kv, index)
+            x = shard_constraint(x, ACTIVATION)
             new_kv.append(kv)
         h = self.norm(x)
         if cache is None:

@@ -149,3 +149,52 @@ def constrain(x: jax.Array, spec: P, mesh) -> jax.Array:
     if explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ())):
         return jax.sharding.reshard(x, target)
     return jax.lax.with_sharding_constraint(x, target)
+
+
+# ---- batches across processes ------------------------------------------------------------------
+def batch_spec() -> P:
+    """Rows of a batch over the data-parallel mesh axes (the rule table's "batch")."""
+    rule = LOGICAL_RULES["batch"]
+    return P(rule)
+
+
+def place_rows(host: Any, mesh: Mesh) -> Any:
+    """A global batch of host arrays ([rows, ...] leaves, the same on every process) as arrays
+    whose rows are split over the data-parallel devices of `mesh`. Each process copies only the
+    rows its own devices hold (`process_rows`), so on several hosts no process places the others'."""
+    sharding = NamedSharding(mesh, batch_spec())
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, host)
+
+
+def process_rows(mesh: Mesh, rows: int) -> slice:
+    """The rows of a [rows, ...] batch (split as `place_rows` splits it) that this process's
+    devices hold: contiguous, disjoint between processes, together the whole batch."""
+    sharding = NamedSharding(mesh, batch_spec())
+    index = sharding.addressable_devices_indices_map((rows,))
+    starts = sorted({(ix[0].start or 0, rows if ix[0].stop is None else ix[0].stop) for ix in index.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    if sum(b - a for a, b in starts) != hi - lo:
+        raise ValueError(f"the devices of process {jax.process_index()} hold rows {starts} of a batch of {rows}, "
+                         f"not one contiguous block; order the mesh's devices by process")
+    return slice(lo, hi)
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+    """The concatenation over processes (in process order) of each process's host array; the
+    array itself on one process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+    """All rows of a (possibly multi-process) array on every process, as numpy."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
