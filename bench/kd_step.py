@@ -1,9 +1,9 @@
-"""Benchmark: one KD train step of kdjax (kdjax.train.train_step), as the anchor ../shared/bench/torch_kd.py.
+"""Benchmark: one KD train step of kdjax (kdjax.training.state.update with distill.kd_loss), as the anchor ../shared/bench/torch_kd.py.
 
 A student (default Qwen2.5-0.5B config) learns a teacher (default Qwen2.5-3B config) with forward KL
 on random tokens; random weights (speed does not depend on their values), built directly on the
 device(s) with their shardings by a jitted init (no host copy). bf16 compute, fp32 master weights
-by default, AdamW (kdjax.train.make_optimizer), the chunked vocabulary-sharded loss.
+by default, AdamW (kdjax.training.state.make_optimizer), the chunked vocabulary-sharded loss.
 
 Measures: compile time, then `--warmup` untimed steps, then `--steps` timed steps (each waited for
 with block_until_ready; the median is reported, as the anchor does). Prints one JSON line:
@@ -55,7 +55,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from kdjax import train  # noqa: E402
+from kdjax.training import distill, state as train_state  # noqa: E402
 from kdjax.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig  # noqa: E402
 from kdjax.model import Qwen2  # noqa: E402
 from kdjax.sharding import make_mesh, state_shardings  # noqa: E402
@@ -112,7 +112,7 @@ def parse_args(argv=None):
 # ---- models, optimizer state and batch, born on their devices ------------------------------
 def model_parts(preset, mesh, **overrides):
     """(config, graphdef, abstract params, param shardings, jitted init) for a preset; params
-    are plain dicts (as kdjax.train uses them)."""
+    are plain dicts (as kdjax.training uses them)."""
     cfg = ModelConfig.preset(preset, **overrides)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg)))
     shardings = nnx.to_pure_dict(state_shardings(abstract, mesh))
@@ -226,10 +226,11 @@ def main(argv=None):
     vocab = min(s_cfg.vocab_size, t_cfg.vocab_size)
 
     tc = ml_collections.ConfigDict(dict(lr=a.lr, warmup_steps=1, steps=max(a.warmup + a.steps, 2),
-                                        min_lr_ratio=0.1, weight_decay=0.01, clip_norm=1.0))
+                                        min_lr_ratio=0.1, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.95,
+                                        eps=1e-8))
     kd = ml_collections.ConfigDict(dict(divergence=a.divergence, temperature=1.0, kd_ratio=1.0, beta=0.5,
                                         alpha=0.1, chunk_size=a.chunk_size))
-    tx = train.make_optimizer(tc)
+    tx = train_state.make_optimizer(tc)
     replicated = NamedSharding(mesh, P())
     opt_abs = jax.eval_shape(tx.init, s_abs)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, s_sh, transform_non_params=lambda _: replicated)
@@ -238,7 +239,8 @@ def main(argv=None):
 
     loss_kw = dict(graphdef=graphdef, teacher_graphdef=t_graphdef, kd=kd, vocab_size=vocab,
                    mesh=mesh if mesh.size > 1 else None)
-    step_fn = jax.jit(partial(train.train_step, tx=tx, accum=a.grad_accum, **loss_kw),
+    loss = partial(distill.kd_loss, **loss_kw)
+    step_fn = jax.jit(partial(train_state.update, tx=tx, loss=loss, totals=distill.token_totals, accum=a.grad_accum),
                       in_shardings=(state_sh, batch_sh, t_sh), out_shardings=(state_sh, None), donate_argnums=0)
     make_batch = jax.jit(partial(batch_of, batch=a.batch, seq=a.seq, vocab=vocab), out_shardings=batch_sh)
 
@@ -259,7 +261,7 @@ def main(argv=None):
     # Activations kept for the backward pass of one micro-batch (what remat / fused attention change).
     micro = jax.eval_shape(partial(batch_of, batch=a.batch // a.grad_accum, seq=a.seq, vocab=vocab), key_b)
     residual_bytes = saved_activation_bytes(
-        lambda p, b, t: train.loss_fn(p, b, t, normalizer=1.0, **loss_kw)[0], s_abs, micro, t_abs)
+        lambda p, b, t: loss(p, b, t, {"tokens": 1.0})[0], s_abs, micro, t_abs)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, tparams).compile()
     compile_s = time.perf_counter() - t0

@@ -3,7 +3,7 @@ writes code that passes the problem's tests (the paper's chain-of-thought RL ste
 
     kdjax grpo --config=configs/grpo_mbpp.py --config.student=runs/dolly_en_kd/student
 
-Rewards (kdjax/grpo.py): think format 1.0, reasoning steps 0.5, fraction of tests passed 2.0,
+Rewards (kdjax/training/rewards.py): think format 1.0, reasoning steps 0.5, fraction of tests passed 2.0,
 length 0.5 (open-r1's len_reward); advantages within G = 8 completions a prompt; KL to the start
 model beta = 0.04 (DeepSeekMath); lr 1e-6 constant, as open-r1's GRPO recipes. 500 held-out
 problems score pass@1 before and after.

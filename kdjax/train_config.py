@@ -1,6 +1,9 @@
 """The training config every experiment overrides, and the default job of `kdjax distill`.
 
-Files under configs/ import `get_config()` from here and change what differs. The default:
+Every field of every trainer is declared here, once, with a default that works (GRPO's fields
+too: kdjax/grpo_config.py is only GRPO's default job). The config comes back locked, so a
+misspelt field set in a config file is an error that names it, not a new field. Files under
+configs/ import `get_config()` from here and change what differs. The default:
 SmolLM2-135M-Instruct (from pip) distilled into a student made of half its layers (the first 8 and the last 7), on
 docstring -> code pairs extracted from the Python standard library, small enough for a 2-core CPU.
 """
@@ -20,9 +23,15 @@ def sibling(config_file: str, name: str):
     return module
 
 
+GRPO_SYSTEM_PROMPT = (
+    "You are a careful Python programmer. First think about the problem step by step inside "
+    "<think> and </think> (Step 1:, Step 2:, ...). Then give the complete solution in one ```python "
+    "code block, with the function names the problem uses.")
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "distill"  # "distill", "minillm" (teacher -> student) or "sft" (fine-tune `teacher`); set by the command
+    c.mode = "distill"  # "distill", "gkd", "minillm" (teacher -> student), "sft" (fine-tune `teacher`), "grpo"; set by the command
     c.out_dir = "runs/default"
     c.resume = False  # continue from the latest checkpoint in out_dir
 
@@ -46,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.test = 48
     c.data.seed = 1234
     c.data.limit = 0  # use at most this many records (0 = all)
+    c.data.packing = False  # pack several sequences a row (each attends only inside its own segment)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 60
@@ -68,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.select_best = ""
     c.train.checkpoint_every = 20
     c.train.keep_checkpoints = 2
+    c.train.check_finite = True  # stop at the first inf/NaN loss, gradient or weight (keeps the last good checkpoint)
 
     c.kd = ml_collections.ConfigDict()
     c.kd.divergence = "forward_kl"  # forward_kl, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation
@@ -77,10 +88,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.alpha = 0.1
     c.kd.chunk_size = 512
 
-    c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/minillm.py)
+    c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/training/minillm.py)
     c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)
     c.minillm.max_new_tokens = 64  # tokens sampled a prompt
     c.minillm.ce_weight = 1.0  # + this x cross-entropy on the data's responses (MiniLLM adds an LM loss)
+
+    c.gkd = ml_collections.ConfigDict()  # `kdjax gkd` (kdjax/training/gkd.py): on-policy KD, as TRL's GKDTrainer
+    c.gkd.lmbda = 0.5  # the share of batches whose responses the student samples (the rest: the data's)
+    c.gkd.temperature = 0.9  # sampling temperature of the student's responses
+    c.gkd.max_new_tokens = 64  # tokens sampled a prompt (cut to fit data.max_length)
+
+    c.grpo = ml_collections.ConfigDict()  # `kdjax grpo` (kdjax/training/grpo.py)
+    c.grpo.num_generations = 4  # G completions a prompt
+    c.grpo.max_new_tokens = 128
+    c.grpo.temperature = 0.9
+    c.grpo.top_p = 1.0
+    c.grpo.beta = 0.04  # KL to the starting model (DeepSeekMath / TRL); 0 drops the reference model
+    c.grpo.test_timeout = 5.0  # seconds per test in the sandbox
+    c.grpo.system = GRPO_SYSTEM_PROMPT
+    c.grpo.weights = ml_collections.ConfigDict(dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
@@ -97,4 +123,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.curve_samples = 8  # greedy Rouge-L on this many validation prompts every eval_every steps
     c.eval.before = True  # also score the teacher and the untrained student
+    c.lock()
     return c

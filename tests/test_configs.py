@@ -17,7 +17,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from kdjax import data, grpo, grpo_config, losses, train, train_config
+from kdjax import data, grpo_config, losses, train_config
+from kdjax.training import models, rewards
 from kdjax.sharding import make_mesh
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' loader
@@ -67,10 +68,10 @@ def test_config_fields_types_and_values(path):
         assert type(value) is type(base[key]), f"{path}: {key}={value!r} is {type(value).__name__}, " \
                                                f"the base has {type(base[key]).__name__}"
 
-    assert cfg["mode"] in ("distill", "sft", "grpo")
+    assert cfg["mode"] in ("distill", "sft", "gkd", "minillm", "grpo")
     if cfg["mode"] == "grpo":
         assert cfg["grpo.num_generations"] >= 2 and cfg["grpo.beta"] >= 0 and cfg["grpo.temperature"] > 0
-        assert {k[len("grpo.weights."):] for k in cfg if k.startswith("grpo.weights.")} <= set(grpo.REWARDS)
+        assert {k[len("grpo.weights."):] for k in cfg if k.startswith("grpo.weights.")} <= set(rewards.REWARDS)
         assert cfg["data.layout"] in ("mbpp", "humaneval", "records")  # problems with tests
     assert cfg["dtype"] in DTYPES and cfg["param_dtype"] in DTYPES
     assert cfg["kd.divergence"] in losses.DIVERGENCES
@@ -91,7 +92,7 @@ def test_config_fields_types_and_values(path):
     assert [int(s) for s in cfg["eval.seeds"].split(",")]
     assert cfg["eval.temperature"] >= 0 and 0 < cfg["eval.top_p"] <= 1
     if cfg["mode"] == "distill" and not cfg["student"]:  # a student made of the teacher's layers
-        train.parse_layers(cfg["student_layers"], 30)  # SmolLM2-135M has 30
+        models.parse_layers(cfg["student_layers"], 30)  # SmolLM2-135M has 30
 
     # The mesh on one device, and for the accelerator runs on 8 (the simulated CPU host here, an
     # 8-GPU host there), with the trainer's rule that a micro-batch splits over data * fsdp devices.
@@ -194,7 +195,8 @@ def test_cli_bad_config_flag_is_one_line_naming_it(args, expected):
 
 def test_cli_runs_a_config_file_with_argument_overrides_and_resume():
     # The real command line up to the trainer, which is replaced by a dump of the config it gets.
-    prelude = "import kdjax.train\nkdjax.train.run = lambda cfg: print('CONFIG=' + cfg.to_json())"
+    prelude = ("import kdjax.training.run as r\n"
+               "r.run = lambda cfg, mode, overwrite=False: print('CONFIG=' + cfg.to_json())")
     out = _kdjax("sft", "--config=configs/dolly_es_sft.py:student,5e-5", "--config.train.steps=7", "--resume",
                  prelude=prelude)
     assert out.returncode == 0, out.stderr[-2000:]

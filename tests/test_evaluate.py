@@ -13,7 +13,7 @@ from flax import nnx
 from rouge_score import rouge_scorer
 
 import kdjax
-from kdjax import data, evaluate
+from kdjax import data, evaluate, report
 from kdjax.data import DataError, Record
 from kdjax.generate import generate
 from kdjax.rouge import UnicodeCodeTokenizer
@@ -169,14 +169,14 @@ def test_evaluate_combines_rouge_and_loss(model, tokenizer):
 # --------------------------------------------------------------------------- report
 
 def test_retention_and_report(tmp_path):
-    assert evaluate.retention(30.0, 40.0) == 0.75
+    assert report.retention(30.0, 40.0) == 0.75
     with pytest.raises(ValueError, match="must be > 0"):
-        evaluate.retention(1.0, 0.0)
+        report.retention(1.0, 0.0)
     results = {"teacher": {"rougeL": 40.0, "rougeL_std": 0.5, "rougeL_unicode": 32.0, "loss": 1.5, "perplexity": 4.48},
                "student": {"rougeL": 30.0, "rougeL_std": 1.25, "rougeL_unicode": 28.0, "loss": 2.0,
                            "perplexity": math.exp(2.0)},
                "student before KD": {"rougeL": 10.0, "rougeL_unicode": 8.0}}
-    table = evaluate.report(results, teacher="teacher", out_dir=str(tmp_path))
+    table = report.table(results, teacher="teacher", out_dir=str(tmp_path))
     lines = table.strip().splitlines()
     assert lines[0].startswith("| model | Rouge-L | Rouge-L unicode | val loss | ppl | retention %")
     assert lines[2] == "| teacher | 40.00 ± 0.50 | 32.00 | 1.5000 | 4.48 | 100.0 | 100.0 |"
@@ -187,7 +187,7 @@ def test_retention_and_report(tmp_path):
     assert saved["teacher"] == "teacher" and saved["results"]["student"]["retention"] == 0.75
     assert saved["results"]["student"]["retention_unicode"] == 28.0 / 32.0
     # No teacher row: no retention.
-    assert evaluate.report({"model": results["student"]}, teacher="teacher").splitlines()[2].endswith("| – | – |")
+    assert report.table({"model": results["student"]}, teacher="teacher").splitlines()[2].endswith("| – | – |")
 
 
 # --------------------------------------------------------------------------- plots
@@ -199,7 +199,7 @@ def test_plot_curves_writes_a_png(tmp_path):
     rows += [{"step": s, "rougeL": 10 + s / 10, "rougeL_std": 1.0, "rougeL_unicode": 8 + s / 12, "loss": 3.1 - s / 100}
              for s in (0, 40, 80, 120)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = evaluate.plot_curves(str(path), str(tmp_path / "plots" / "curves.png"), title="test run")
+    out = report.plot_curves(str(path), str(tmp_path / "plots" / "curves.png"), title="test run")
     import matplotlib.image
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -208,7 +208,7 @@ def test_plot_curves_writes_a_png(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "loss": 2}\n{"loss": 3}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2, field 'step'"):
-        evaluate.plot_curves(str(bad), str(tmp_path / "x.png"))
+        report.plot_curves(str(bad), str(tmp_path / "x.png"))
 
 
 # --------------------------------------------------------------------------- the command

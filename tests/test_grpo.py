@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 import kdjax
-from kdjax import data, gguf_io, grpo, grpo_config, losses
+from kdjax import data, gguf_io, grpo_config, losses
 from kdjax.config import ModelConfig
+from kdjax.training import grpo, rollout
+from kdjax.training import rewards as R
 from helpers import run_kdjax, set_fields
 
 GOOD = ("<think>\nStep 1: add the numbers.\nStep 2: return the sum.\n</think>\n"
@@ -20,39 +22,39 @@ RECORD = data.Record(prompt="Write add(a, b).", response="def add(a, b):\n    re
 
 
 def test_rewards_on_hand_made_completions():
-    assert grpo.format_reward(GOOD) == 1.0
-    assert grpo.format_reward("def add(a, b): return a + b") == 0.0  # no thinking
-    assert grpo.format_reward("<think>\n\n</think>\nanswer") == 0.0  # empty thinking
-    assert grpo.format_reward("<think>x</think>") == 0.0  # no answer after it
-    assert grpo.format_reward("<think>a</think><think>b</think> c") == 0.0  # two blocks
-    assert grpo.steps_reward(GOOD) == pytest.approx(2 / 3)
-    assert grpo.steps_reward("First, x\nStep 1: y\nStep 2: z\nFinally, w") == 1.0
-    assert grpo.steps_reward("no steps") == 0.0
-    assert grpo.tests_reward(GOOD, RECORD) == 1.0
+    assert R.format_reward(GOOD) == 1.0
+    assert R.format_reward("def add(a, b): return a + b") == 0.0  # no thinking
+    assert R.format_reward("<think>\n\n</think>\nanswer") == 0.0  # empty thinking
+    assert R.format_reward("<think>x</think>") == 0.0  # no answer after it
+    assert R.format_reward("<think>a</think><think>b</think> c") == 0.0  # two blocks
+    assert R.steps_reward(GOOD) == pytest.approx(2 / 3)
+    assert R.steps_reward("First, x\nStep 1: y\nStep 2: z\nFinally, w") == 1.0
+    assert R.steps_reward("no steps") == 0.0
+    assert R.tests_reward(GOOD, RECORD) == 1.0
     wrong = GOOD.replace("a + b", "a * b")  # passes add(2, 2) only
-    assert grpo.tests_reward(wrong, RECORD) == pytest.approx(1 / 3)
-    assert grpo.tests_reward("<think>no code</think> sorry", RECORD) == 0.0
+    assert R.tests_reward(wrong, RECORD) == pytest.approx(1 / 3)
+    assert R.tests_reward("<think>no code</think> sorry", RECORD) == 0.0
     # HumanEval's check(candidate) program, from the pip package
     he = data.load_records(data.humaneval_path(), "humaneval")[0]
     answer = f"<think>Step 1: read it.</think>\n```python\n{he.prompt}{he.response}\n```"
-    assert grpo.tests_reward(answer, he) == 1.0
-    assert grpo.tests_reward(answer.replace("return", "return not", 1), he) == 0.0
+    assert R.tests_reward(answer, he) == 1.0
+    assert R.tests_reward(answer.replace("return", "return not", 1), he) == 0.0
     # an answer that leaves out the prompt's `from typing import List` still runs
     bare = f"<think>Step 1: read it.</think>\n```python\n{he.prompt.split('from typing import List')[1]}{he.response}\n```"
     assert "List[" in bare and "import" not in bare.split("```python")[1].split("def")[0]
-    assert grpo.tests_reward(bare, he) == 1.0
+    assert R.tests_reward(bare, he) == 1.0
 
 
 def test_length_rewards_and_advantages_match_their_definitions():
     # open-r1 len_reward: lam = 0.5 - (len - min) / (max - min); wrong answers get min(0, lam)
-    got = grpo.length_rewards([10, 20, 30, 20], [True, True, False, False])
+    got = R.length_rewards([10, 20, 30, 20], [True, True, False, False])
     np.testing.assert_allclose(got, [0.5, 0.0, -0.5, 0.0])
-    assert grpo.length_rewards([7, 7], [True, False]) == [0.0, 0.0]
+    assert R.length_rewards([7, 7], [True, False]) == [0.0, 0.0]
     r = np.random.default_rng(0).normal(size=12)
     ref = np.concatenate([(g - g.mean()) / (g.std() + 1e-4) for g in r.reshape(3, 4)])
-    np.testing.assert_allclose(grpo.advantages(r, 4), ref, rtol=1e-12)
+    np.testing.assert_allclose(R.group_advantages(r, 4), ref, rtol=1e-12)
     texts = [GOOD, "nothing"]
-    out = grpo.group_rewards(texts, RECORD, dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
+    out = R.group_rewards(texts, RECORD, dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
     # GOOD is the longer (lam -0.5, correct: -0.5); "nothing" the shorter (lam 0.5, wrong: min(0, 0.5))
     np.testing.assert_allclose(out["total"], [1 + 0.5 * 2 / 3 + 2 + 0.5 * -0.5, 0.0])
 
@@ -96,13 +98,14 @@ def test_token_logprobs_value_and_gradient_match_float64_numpy():
 
 
 def test_completion_rows_mask_the_completion_only():
-    rows = grpo.completion_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0, bucket=4)
-    assert rows["input_ids"].shape == (2, 4)
-    np.testing.assert_array_equal(rows["input_ids"][0], [5, 6, 7, 1])
-    np.testing.assert_array_equal(rows["targets"][0], [6, 7, 1, 2])
-    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1])  # targets 1, 2 are the completion
-    np.testing.assert_array_equal(rows["targets"][1], [3, 4, 9, 0])
-    np.testing.assert_array_equal(rows["loss_mask"][1], [1, 1, 1, 0])
+    rows = rollout.completion_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0, width=6)
+    assert rows["input_ids"].shape == (2, 6)
+    np.testing.assert_array_equal(rows["input_ids"][0], [5, 6, 7, 1, 2, 0])
+    np.testing.assert_array_equal(rows["targets"][0], [6, 7, 1, 2, 0, 0])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1, 0, 0])  # targets 1, 2 are the completion
+    np.testing.assert_array_equal(rows["targets"][1], [3, 4, 9, 0, 0, 0])
+    np.testing.assert_array_equal(rows["loss_mask"][1], [1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(rows["positions"][1], [0, 1, 2, 3, 0, 0])
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +136,17 @@ def share_of_e(texts, record):  # a reward the tiny random policy can learn: the
 
 
 def test_tiny_policy_learns_a_reward(setup, tmp_path):
-    grpo.train_grpo(config(setup, tmp_path, **{"train.lr": 1e-2}), reward_fn=share_of_e)
+    grpo.train(config(setup, tmp_path, **{"train.lr": 1e-2}), reward_fn=share_of_e)
     r = [json.loads(l)["reward_total"] for l in open(tmp_path / "metrics.jsonl")]
     assert len(r) == 12 and np.mean(r[-4:]) > np.mean(r[:4]) + 0.05, r
 
 
 def test_resume_continues_exactly(setup, tmp_path):
-    full = grpo.train_grpo(config(setup, tmp_path / "full", **{"train.steps": 6, "train.checkpoint_every": 3}),
+    full = grpo.train(config(setup, tmp_path / "full", **{"train.steps": 6, "train.checkpoint_every": 3}),
                            reward_fn=share_of_e)
-    grpo.train_grpo(config(setup, tmp_path / "cut", **{"train.steps": 3, "train.checkpoint_every": 3}),
+    grpo.train(config(setup, tmp_path / "cut", **{"train.steps": 3, "train.checkpoint_every": 3}),
                     reward_fn=share_of_e)
-    resumed = grpo.train_grpo(config(setup, tmp_path / "cut", resume=True,
+    resumed = grpo.train(config(setup, tmp_path / "cut", resume=True,
                                      **{"train.steps": 6, "train.checkpoint_every": 3}), reward_fn=share_of_e)
     for a, b in zip(jax.tree.leaves(nnx.state(full["policy"])), jax.tree.leaves(nnx.state(resumed["policy"]))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -151,12 +154,12 @@ def test_resume_continues_exactly(setup, tmp_path):
 
 def test_bad_grpo_config_is_named(setup, tmp_path):
     with pytest.raises(ValueError, match="num_generations=1"):
-        grpo.train_grpo(config(setup, tmp_path, **{"grpo.num_generations": 1}))
+        grpo.train(config(setup, tmp_path, **{"grpo.num_generations": 1}))
     c = config(setup, tmp_path)
     c.grpo.weights.unlock() if hasattr(c.grpo.weights, "unlock") else None
     c.grpo.weights["speed"] = 1.0
     with pytest.raises(ValueError, match="unknown reward"):
-        grpo.train_grpo(c)
+        grpo.train(c)
 
 
 def test_cli_runs_grpo_and_reports(setup, tmp_path):
@@ -179,34 +182,68 @@ def test_cli_runs_grpo_and_reports(setup, tmp_path):
 
 
 def test_one_device_step_equals_eight(setup):
-    """grpo_step and minillm_step on a 2x2x2 mesh (8 simulated devices, parameters sharded over
-    fsdp and tensor) give the 1-device loss, metrics and updated weights."""
-    from kdjax import minillm, train
-    from kdjax.sharding import make_mesh
+    """GRPO's and MiniLLM's updates on a 2x2x2 mesh (8 simulated devices, parameters sharded over
+    fsdp and tensor, the log-prob objectives' vocabulary over tensor) give the 1-device loss,
+    metrics and updated weights."""
+    from functools import partial
+    from kdjax.sharding import make_mesh, place_rows
+    from kdjax.training import minillm, state as S
     policy_src, rng = str(setup / "policy"), np.random.default_rng(4)
     prompts = [list(rng.integers(1, 300, 5)) for _ in range(8)]
     completions = [list(rng.integers(1, 300, rng.integers(2, 9))) for _ in range(8)]
-    rows = grpo.completion_rows(prompts, completions, pad_id=0, width=16)
-    rows["adv"] = grpo.advantages(rng.normal(size=8), 4).astype(np.float32)
+    rows = rollout.completion_rows(prompts, completions, pad_id=0, width=16)
+    rows["adv"] = R.group_advantages(rng.normal(size=8), 4).astype(np.float32)
     tc = grpo_config.get_config().train
     results = []
     for n, shape in ((1, (1, 1, 1)), (8, (2, 2, 2))):
         mesh = make_mesh(*shape, devices=jax.devices()[:n])
-        model = kdjax.load(policy_src, mesh=mesh)[0]
+        loss_mesh = mesh if n > 1 else None
         teacher = kdjax.load(str(setup / "other"), mesh=mesh)[0]
-        tx = train.make_optimizer(tc)
-        graphdef, state, state_sh = train.init_state(model, tx, mesh)
-        batch = jax.device_put(rows, train._batch_sharding(mesh))
         tparams = nnx.to_pure_dict(nnx.state(teacher))
-        g_state, g_metrics = jax.jit(lambda s, b, r: grpo.grpo_step(
-            s, b, r, tx=tx, graphdef=graphdef, ref_graphdef=nnx.graphdef(teacher), beta=0.04, chunk_size=24),
-            out_shardings=(state_sh, None))(state, batch, tparams)
-        graphdef, state, _ = train.init_state(kdjax.load(policy_src, mesh=mesh)[0], tx, mesh)
-        m_state, m_metrics = jax.jit(lambda s, b, t: minillm.minillm_step(
-            s, b, t, tx=tx, graphdef=graphdef, teacher_graphdef=nnx.graphdef(teacher), vocab_size=300,
-            chunk_size=24, alpha=0.2), out_shardings=(state_sh, None))(state, batch, tparams)
-        assert float(m_metrics["token_rkl"]) > 0.01 and float(g_metrics["grad_norm"]) > 0.01  # not vacuous
-        results.append([jax.device_get(x) for x in (g_metrics, g_state["params"], m_metrics, m_state["params"])])
-    for one, eight in zip(*results):
-        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+        out = []
+        for loss, totals, batch in (
+                (partial(grpo.grpo_loss, ref_graphdef=nnx.graphdef(teacher), beta=0.04, chunk_size=24, mesh=loss_mesh),
+                 grpo.completion_totals, rows),
+                (partial(minillm.minillm_loss, teacher_graphdef=nnx.graphdef(teacher), vocab_size=300, chunk_size=24,
+                         alpha=0.2, ce_weight=0.5, mesh=loss_mesh),
+                 minillm.minillm_totals, {"samples": {k: v for k, v in rows.items() if k != "adv"}, "data": rows})):
+            tx = S.make_optimizer(tc)
+            graphdef, state, state_sh = S.init_state(kdjax.load(policy_src, mesh=mesh)[0], tx, mesh)
+            step = jax.jit(partial(S.update, tx=tx, loss=partial(loss, graphdef=graphdef), totals=totals),
+                           out_shardings=(state_sh, None))
+            new_state, metrics = step(state, place_rows(batch, mesh), tparams)
+            out.append(jax.device_get((metrics, new_state["params"])))
+        assert out[1][0]["token_rkl"] > 0.01 and out[0][0]["grad_norm"] > 0.01  # not vacuous
+        results.append(out)
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_a_policy_that_writes_the_answer_scores_pass_at_1():
+    """evaluate_policy end to end (greedy decoding, detokenizing, extracting the code, its tests in
+    the sandbox): a hand-built model that can only say "f=lambda:1" after the prompt "Q" passes
+    the problem that wants f() == 1 and fails the one that wants 2. (A random policy scoring 0
+    cannot tell a working scorer from a broken one.)"""
+    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
+    chain = tok.encode("Q", add_special_tokens=False)[-1:] + tok.encode("f=lambda:1", add_special_tokens=False)
+    chain.append(tok.eos_token_id)
+    assert len(set(chain)) == len(chain)  # a bigram model: each token has one successor
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), num_layers=1, tie_word_embeddings=False)
+    model = kdjax.Qwen2(cfg, seed=0)
+    graphdef, state = nnx.split(model)
+    params = jax.tree.map(jnp.zeros_like, nnx.to_pure_dict(state))  # layers add nothing to the residual
+    params["norm"]["scale"] = jnp.ones_like(params["norm"]["scale"])
+    emb, head = np.zeros((len(tok), cfg.hidden_size), np.float32), np.zeros((cfg.hidden_size, len(tok)), np.float32)
+    for i, (tok_now, tok_next) in enumerate(zip(chain, chain[1:])):
+        emb[tok_now, i] = 1.0  # token -> its own direction -> its successor's logit
+        head[i, tok_next] = 10.0
+    params["embed_tokens"]["embedding"], params["lm_head"]["kernel"] = jnp.asarray(emb), jnp.asarray(head)
+    nnx.replace_by_pure_dict(state, params)
+    policy = nnx.merge(graphdef, state)
+    c = grpo_config.get_config()
+    c.data.template, c.grpo.system, c.grpo.max_new_tokens = "plain", "", 12
+    problems = [data.Record(prompt="Q", response="", tests=("assert f() == 1",), source="one"),
+                data.Record(prompt="Q", response="", tests=("assert f() == 2", "assert f() == 1"), source="two")]
+    got = grpo.evaluate_policy(policy, tok, problems, c, log=lambda m: None)
+    assert [s["completion"] for s in got["samples"]] == ["f=lambda:1", "f=lambda:1"]
+    assert got["pass_at_1"] == 0.5 and got["tests"] == pytest.approx(0.75)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import kdjax
-from kdjax import data, gguf_io, losses, minillm, train_config
+from kdjax import data, gguf_io, losses, train_config
+from kdjax.training import minillm
 from kdjax.config import ModelConfig
 from kdjax.generate import generate
 from helpers import run_kdjax, set_fields
@@ -85,16 +86,16 @@ def test_mixed_sampling_at_alpha_0_is_the_students_own(setup):
     student, _ = kdjax.load(str(setup / "student"))
     teacher, _ = kdjax.load(str(setup / "teacher"))
     prompts = [[86, 35], [86, 36, 37]]
-    got = minillm.sample_mixed(student, teacher, prompts, alpha=0.0, max_new_tokens=12, stop_tokens=[2],
-                               pad_id=0, seed=5, width=8)
+    mixed = lambda prompts, alpha, **kw: generate(student, prompts, teacher=teacher, mix=alpha, temperature=1.0,
+                                                  stop_tokens=[2], pad_id=0, bucket=8, keep_stop=True, **kw)
+    got = mixed(prompts, 0.0, max_new_tokens=12, seed=5)
     want = generate(student, prompts, max_new_tokens=12, temperature=1.0, stop_tokens=[2], pad_id=0, seed=5,
                     bucket=8, keep_stop=True)
     assert got == want
     # alpha near 1 samples the teacher: its first tokens hit the teacher's argmax about as often as
     # the teacher puts mass there (~0.38 for this peaked teacher), the student's almost never
     first = np.asarray(teacher(jnp.asarray(prompts[:1] * 1))[0, -1]).argmax()
-    rate = lambda a: np.mean([c[0] == first for c in minillm.sample_mixed(
-        student, teacher, prompts[:1] * 32, alpha=a, max_new_tokens=1, stop_tokens=[2], pad_id=0, seed=7, width=8)])
+    rate = lambda a: np.mean([c[0] == first for c in mixed(prompts[:1] * 32, a, max_new_tokens=1, seed=7)])
     assert rate(0.999) > 0.2 and rate(0.0) < 0.1, (rate(0.999), rate(0.0))
 
 
@@ -114,9 +115,9 @@ def test_minillm_brings_the_reverse_kl_down(setup, tmp_path):
     teacher, _ = kdjax.load(str(setup / "teacher"))
     before, _ = kdjax.load(str(setup / "student"))
     prompts = [[86, 33 + i % 10, 33 + i // 10] for i in range(64)]
-    rkl = lambda m: minillm.on_policy_rkl(m, teacher, prompts, max_new_tokens=8, stop_tokens=[2], pad_id=0,
-                                          seed=11, width=8)
-    after = minillm.train_minillm(config(setup, tmp_path, **{"minillm.ce_weight": 0.0}))["student"]  # the objective alone
+    teacher, tok = kdjax.load(str(setup / "teacher"))
+    rkl = lambda m: minillm.on_policy_rkl(m, teacher, prompts, tokenizer=tok, max_new_tokens=8, seed=11, width=8)
+    after = minillm.train(config(setup, tmp_path, **{"minillm.ce_weight": 0.0}))["student"]  # the objective alone
     assert rkl(after) < 0.9 * rkl(before), (rkl(before), rkl(after))
 
 

@@ -5,11 +5,11 @@ docstring -> code pairs from the Python standard library, on CPU.
 """
 from absl import app
 
-from kdjax.commands import _training
-from kdjax.commands._training import run
+from kdjax.commands import train_flags
+from kdjax.commands.train_flags import run
 
-_training.define_flags()
-FLAG_MODULES = (_training,)  # --config, --resume
+train_flags.define_flags()
+FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
 
 
 def main(argv):

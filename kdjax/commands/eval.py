@@ -16,7 +16,7 @@ flags.DEFINE_string("data", None, "a local .jsonl/.json/.parquet file (or a hub 
                     "without it, docstring -> code pairs from the standard library (--stdlib_pairs)")
 flags.DEFINE_string("layout", "records", "layout of --data, one of kdjax.data.LAYOUTS "
                     "(dolly, dolly_es, bugnet, pytorrent, codeforces_cots, mbpp, humaneval, records)")
-flags.DEFINE_integer("stdlib_pairs", _C.data.stdlib_pairs, "standard-library pairs to build when --data is not given")
+flags.DEFINE_integer("stdlib_pairs", _C.data.stdlib_pairs, "standard-library pairs to build when --data is not given", lower_bound=1)
 flags.DEFINE_enum("split", "test", ["all", "train", "valid", "test"], "which split of the records to score "
                   "(split as the trainer splits: --split_seed, --valid, --test)")
 flags.DEFINE_integer("split_seed", _C.data.seed, "seed of the train/valid/test split")
@@ -28,11 +28,11 @@ flags.DEFINE_list("seeds", ["10", "20", "30", "40", "50"], "sampling seeds (Mini
 flags.DEFINE_float("temperature", 1.0, "sampling temperature (MiniLLM: 1.0); 0 = greedy")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (MiniLLM: 1.0)")
 flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0 = all)")
-flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most per prompt")
+flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most per prompt", lower_bound=1)
 flags.DEFINE_integer("max_length", _C.data.max_length, "tokens per row for the validation loss "
-                     "(prompts that do not fit are left out of the loss)")
+                     "(prompts that do not fit are left out of the loss)", lower_bound=2)
 flags.DEFINE_enum("template", _C.data.template, ["minillm", "chat", "plain"], "prompt template")
-flags.DEFINE_integer("batch_size", 16, "prompts per generation batch and rows per loss batch")
+flags.DEFINE_integer("batch_size", 16, "prompts per generation batch and rows per loss batch", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_string("metrics", None, "optional training metrics JSONL: also draw curves.png (loss and Rouge-L "
                     "against step)")
@@ -69,7 +69,7 @@ def main(argv):
     except ValueError:
         raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers, e.g. 10,20,30,40,50") from None
     import kdjax
-    from kdjax import evaluate
+    from kdjax import evaluate, report
 
     records = _records()
     print(f"scoring {len(records)} records ({FLAGS.data or f'{FLAGS.stdlib_pairs} stdlib pairs'}, "
@@ -100,9 +100,9 @@ def main(argv):
         for s in result["samples"][:1]:
             print(f"  example ({s['source']}): {s['generation'][:200]!r}", flush=True)
         del model
-    table = evaluate.report(results, teacher="teacher", out_dir=FLAGS.out_dir)
+    table = report.table(results, teacher="teacher", out_dir=FLAGS.out_dir)
     print("\n" + table)
     print(f"wrote {os.path.join(FLAGS.out_dir, 'report.md')} and report.json")
     if FLAGS.metrics:
-        png = evaluate.plot_curves(FLAGS.metrics, os.path.join(FLAGS.out_dir, "curves.png"))
+        png = report.plot_curves(FLAGS.metrics, os.path.join(FLAGS.out_dir, "curves.png"))
         print(f"wrote {png}")

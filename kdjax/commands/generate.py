@@ -6,7 +6,7 @@ from absl import app, flags
 flags.DEFINE_string("model", "smollm2-135m-instruct", "HF directory, .gguf file, kdjax checkpoint, or preset name")
 flags.DEFINE_multi_string("prompt", None, "a user prompt (repeat the flag for a batch)", required=True)
 flags.DEFINE_string("system", None, "optional system message")
-flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
+flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most", lower_bound=1)
 flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0 = all)")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")

@@ -2,18 +2,18 @@
 
 With no flags: SmolLM2-135M-Instruct (from pip) on HumanEval problems (from pip), 10 short steps on
 CPU, then greedy pass@1 / format / steps on held-out problems before and after (report.md).
---config=configs/grpo_mbpp.py is the paper's run; kdjax/grpo.py says what a step does.
+--config=configs/grpo_mbpp.py is the paper's run; kdjax/training/grpo.py says what a step does.
 """
 import os
 
 from absl import app
 
 import kdjax.grpo_config
-from kdjax.commands import _training
-from kdjax.commands._training import run
+from kdjax.commands import train_flags
+from kdjax.commands.train_flags import run
 
-_training.define_flags(os.path.abspath(kdjax.grpo_config.__file__))
-FLAG_MODULES = (_training,)  # --config, --resume
+train_flags.define_flags(os.path.abspath(kdjax.grpo_config.__file__))
+FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
 
 
 def main(argv):

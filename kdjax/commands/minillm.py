@@ -2,15 +2,15 @@
 
 Takes the distillation configs (--config=configs/NAME.py; no flags: the default job's models and
 data, with MiniLLM's loss); --config.minillm.alpha and .max_new_tokens tune the sampling.
-kdjax/minillm.py says what a step computes. The report is `kdjax distill`'s.
+kdjax/training/minillm.py says what a step computes. The report is `kdjax distill`'s.
 """
 from absl import app
 
-from kdjax.commands import _training
-from kdjax.commands._training import run
+from kdjax.commands import train_flags
+from kdjax.commands.train_flags import run
 
-_training.define_flags()
-FLAG_MODULES = (_training,)  # --config, --resume
+train_flags.define_flags()
+FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
 
 
 def main(argv):

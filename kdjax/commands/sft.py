@@ -1,11 +1,11 @@
 """Supervised fine-tuning of the teacher on the data (the paper's first step), with a report."""
 from absl import app
 
-from kdjax.commands import _training
-from kdjax.commands._training import run
+from kdjax.commands import train_flags
+from kdjax.commands.train_flags import run
 
-_training.define_flags()
-FLAG_MODULES = (_training,)  # --config, --resume
+train_flags.define_flags()
+FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
 
 
 def main(argv):

@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 import kdjax
-from kdjax import checkpoint, data, evaluate, gguf_io, train, train_config
+from kdjax import checkpoint, data, evaluate, gguf_io, train_config
+from kdjax.training import distill, loop, models
+from kdjax.training.run import run
 from kdjax.config import ModelConfig
 from kdjax.sharding import make_mesh
 from helpers import set_fields
@@ -50,9 +52,9 @@ def losses_of(out):
 
 
 def test_kd_lowers_divergence_and_one_device_equals_eight(setup, tmp_path):
-    one = train.train(config(setup, tmp_path / "one", **{"mesh.num_devices": 1, "train.eval_every": 6,
+    one = distill.train(config(setup, tmp_path / "one", **{"mesh.num_devices": 1, "train.eval_every": 6,
                                                          "eval.curve_samples": 2, "eval.max_new_tokens": 8}))
-    eight = train.train(config(setup, tmp_path / "eight", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+    eight = distill.train(config(setup, tmp_path / "eight", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                                                              "train.grad_accum": 2}))
     assert eight["mesh"].size == 8 and one["mesh"].size == 1
     a, b = losses_of(tmp_path / "one"), losses_of(tmp_path / "eight")
@@ -65,26 +67,28 @@ def test_kd_lowers_divergence_and_one_device_equals_eight(setup, tmp_path):
 
 def test_student_from_teacher_copies_the_chosen_layers(setup):
     teacher, _ = kdjax.load(str(setup / "teacher"))
-    assert train.parse_layers("every_other", 5) == [0, 2, 4]
-    assert train.parse_layers("first_last:3", 6) == [0, 1, 5]
-    student = train.student_from_teacher(teacher, [1, 3])
+    assert models.parse_layers("every_other", 5) == [0, 2, 4]
+    assert models.parse_layers("first_last:3", 6) == [0, 1, 5]
+    student = models.student_from_teacher(teacher, [1, 3])
     assert student.config.num_layers == 2
     np.testing.assert_array_equal(student.layers[1].mlp.up_proj.kernel[...], teacher.layers[3].mlp.up_proj.kernel[...])
     np.testing.assert_array_equal(student.embed_tokens.embedding[...], teacher.embed_tokens.embedding[...])
     with pytest.raises(ValueError, match=r"student_layers='0,9'.*\[0, 4\)"):
-        train.parse_layers("0,9", 4)
+        models.parse_layers("0,9", 4)
 
 
 def test_bf16_compute_keeps_the_teacher_in_bf16_and_the_student_master_in_fp32(setup, tmp_path):
     c = config(setup, tmp_path, dtype="bfloat16", param_dtype="float32", remat=True)
-    teacher, student, _ = train.load_models(c, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    teacher, tok = models.load_frozen(c.teacher, c, mesh)
+    student = models.load_student(c, teacher, tok, mesh)
     t_leaves, s_leaves = jax.tree.leaves(nnx.state(teacher)), jax.tree.leaves(nnx.state(student))
     assert {x.dtype for x in t_leaves} == {jnp.dtype("bfloat16")} and not teacher.config.remat
     assert {x.dtype for x in s_leaves} == {jnp.dtype("float32")} and student.config.remat
     np.testing.assert_array_equal(student.layers[1].mlp.up_proj.kernel[...],  # layers 0, 2 of 4: every_other
                                   teacher.layers[2].mlp.up_proj.kernel[...].astype(jnp.float32))
     c.teacher_param_dtype = "float32"
-    teacher, _, _ = train.load_models(c, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    teacher, _ = models.load_frozen(c.teacher, c, mesh)
     assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher))} == {jnp.dtype("float32")}
 
 
@@ -93,17 +97,17 @@ def test_select_best_exports_the_best_validation_step(setup, tmp_path):
     eval (at lr 0.1 the tiny student's validation loss is lowest at the first eval, step 2 of 12)."""
     c = config(setup, tmp_path, **{"train.lr": 0.1, "train.eval_every": 2, "train.select_best": "val_loss",
                                    "mesh.num_devices": 1})
-    train.run(c)
+    run(c, "distill")
     evals = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "val_loss" in l]
     best = json.load(open(tmp_path / "best" / "best.json"))
     assert best["step"] == min(evals, key=lambda e: e["val_loss"])["step"] < 12
     exported, tok = kdjax.load(str(tmp_path / "student"))
-    _, rows = train.load_data(c.data, tok, 256)
+    rows = distill.make_rows(c.data, distill.load_splits(c.data), tok)
     v = evaluate.validation_loss(exported, rows["valid"], batch_size=8, chunk_size=96)["loss"]
     assert v == pytest.approx(best["value"], rel=1e-5) and v != pytest.approx(evals[-1]["val_loss"], rel=1e-3)
     c.train.select_best = "bleu"
-    with pytest.raises(ValueError, match="select_best='bleu'"):
-        train.train(c)
+    with pytest.raises(ValueError, match="select_best: 'bleu'"):
+        distill.train(c, overwrite=True)
 
 
 def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
@@ -145,27 +149,56 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     assert steps == list(range(1, 17))
 
 
-def test_epochs_set_the_steps_and_fused_attention_trains(setup, tmp_path, capsys):
-    c = config(setup, tmp_path / "ep", **{"train.epochs": 0.5, "attention": "jax", "remat": True,
-                                          "remat_policy": "dots_with_no_batch_dims_saveable", "mesh.num_devices": 1})
-    out = train.train(c)
-    rows = int(capsys.readouterr().out.split("data: ")[1].split(" train rows")[0])
-    assert c.train.steps == -(-rows // 16) and rows > 16  # ceil(0.5 * rows / batch 8)
-    assert len(losses_of(tmp_path / "ep")) == c.train.steps
+def test_fused_attention_and_remat_train_to_the_einsums_loss(setup, tmp_path):
+    """jax.nn.dot_product_attention (the cuDNN path's XLA twin) with remat trains as the einsums do."""
+    common = {"train.steps": 4, "mesh.num_devices": 1}
+    distill.train(config(setup, tmp_path / "xla", **common))
+    out = distill.train(config(setup, tmp_path / "jax", **common, **{"attention": "jax", "remat": True,
+                                                                     "remat_policy": "dots_with_no_batch_dims_saveable"}))
     assert out["student"].config.attention == "jax" and out["student"].config.remat
+    np.testing.assert_allclose(losses_of(tmp_path / "jax"), losses_of(tmp_path / "xla"), rtol=2e-4)
+
+
+def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_unpacked(setup):
+    """data.packing: sequences laid end to end in a row, each attending inside its own segment."""
+    from functools import partial
+    c = config(setup, "unused")
+    teacher, tok = kdjax.load(str(setup / "teacher"))
+    student = models.student_from_teacher(teacher, [0, 2])
+    examples = data.tokenize(distill.load_splits(c.data)["train"], tok, max_length=48, template="minillm",
+                             on_long_prompt="skip")[:6]
+    unpacked = data.pack(examples, 96, pad_id=0)
+    packed = data.pack(examples, 96, pad_id=0, packing=True)
+    assert len(packed["input_ids"]) < len(unpacked["input_ids"]) and packed["segment_ids"].max() > 1
+    graphdef, params = nnx.split(student)
+    params = nnx.to_pure_dict(params)
+    tparams = nnx.to_pure_dict(nnx.state(teacher))
+    for kd_ratio in (0.0, 0.5):
+        kd = c.kd.copy_and_resolve_references()
+        kd.kd_ratio = kd_ratio
+        results = []
+        for rows, is_packed in ((unpacked, False), (packed, True)):
+            rows = {k: jnp.asarray(v) for k, v in rows.items()}
+            loss = partial(distill.kd_loss, graphdef=graphdef, teacher_graphdef=nnx.graphdef(teacher), kd=kd,
+                           vocab_size=None, mesh=None, packed=is_packed)
+            results.append(jax.value_and_grad(lambda p: loss(p, rows, tparams, distill.token_totals(rows))[0])(params))
+        (la, ga), (lb, gb) = results
+        assert float(la) == pytest.approx(float(lb), rel=1e-5)
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
 
 
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     c = config(setup, tmp_path / "nan", **{"train.lr": 1e38, "train.warmup_steps": 1, "train.checkpoint_every": 1,
                                            "train.clip_norm": 1e38, "mesh.num_devices": 1})
-    with pytest.raises(train.TrainingDiverged, match=r"at step (\d+): not finite.*last good checkpoint is step") as e:
-        train.train(c)
+    with pytest.raises(loop.TrainingDiverged, match=r"at step (\d+): not finite.*last good checkpoint is step") as e:
+        distill.train(c)
     bad = int(e.value.args[0].split("at step ")[1].split(":")[0])
     good = int(e.value.args[0].split("last good checkpoint is step ")[1].split()[0])
     assert good == bad - 1 >= 1
     steps = sorted(int(d) for d in os.listdir(tmp_path / "nan" / "checkpoints") if d.isdigit())
     assert steps[-1] == good
-    mngr = train.checkpoint_manager(str(tmp_path / "nan"), c.train)
-    restored = mngr.restore(good)
+    import orbax.checkpoint as ocp
+    restored = ocp.CheckpointManager(str(tmp_path / "nan" / "checkpoints")).restore(good)
     leaves = jax.tree.leaves(restored["state"]["params"])
     assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)

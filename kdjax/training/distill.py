@@ -1,0 +1,188 @@
+"""Token-level knowledge distillation and supervised fine-tuning on data rows.
+
+Loss (kdjax.losses.chunked_distill_loss): kd_ratio * divergence(student || teacher at the
+temperature) + (1 - kd_ratio) * cross-entropy on the data, per response token of the global batch;
+SFT is the cross-entropy alone. Batches: `batch_at(rows, step)` of the tokenized data (one sequence
+a row, or packed rows with `data.packing`).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax import data as kdata
+from kdjax import losses
+from kdjax.errors import ConfigError
+from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_steps
+from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, shared_vocab)
+from kdjax.training.rundir import RunDir
+from kdjax.training.state import config_mesh
+
+EVAL_METRICS = ("val_loss", "rougeL", "rougeL_unicode")
+
+
+# ---- config and data, checked before any model is loaded --------------------------------------
+def check_config(cfg):
+    """Every choice of the data and KD sections (and train.*), named by its flag."""
+    d, kd = cfg.data, cfg.kd
+    if d.template not in kdata.TEMPLATES:
+        raise ConfigError("data.template", f"{d.template!r}: expected one of {', '.join(kdata.TEMPLATES)}")
+    if d.source and d.layout not in kdata.LAYOUTS:
+        raise ConfigError("data.layout", f"{d.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
+    if d.max_length < 2:
+        raise ConfigError("data.max_length", f"{d.max_length}: must be >= 2")
+    if kd.divergence not in losses.DIVERGENCES:
+        raise ConfigError("kd.divergence", f"{kd.divergence!r}: expected one of {', '.join(losses.DIVERGENCES)}")
+    if not 0 <= kd.kd_ratio <= 1:
+        raise ConfigError("kd.kd_ratio", f"{kd.kd_ratio}: must be in [0, 1] (loss = kd_ratio * divergence + "
+                                         f"(1 - kd_ratio) * cross-entropy)")
+    if not kd.temperature > 0:
+        raise ConfigError("kd.temperature", f"{kd.temperature}: must be > 0")
+    for name in ("beta", "alpha"):
+        if not 0 <= kd[name] <= 1:
+            raise ConfigError(f"kd.{name}", f"{kd[name]}: must be in [0, 1]")
+    if kd.chunk_size < 1:
+        raise ConfigError("kd.chunk_size", f"{kd.chunk_size}: must be >= 1")
+    check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
+
+
+def load_splits(dcfg) -> dict[str, list[kdata.Record]]:
+    """The train / valid / test records of the data section (no tokenizer needed)."""
+    if dcfg.source:
+        records = kdata.load_records(dcfg.source, dcfg.layout, limit=dcfg.limit or None)
+    else:
+        records = kdata.python_function_records(limit=dcfg.stdlib_pairs or None)
+    if dcfg.limit:
+        records = records[:dcfg.limit]
+    if not records:
+        raise kdata.DataError("no records (an empty file?)", path=dcfg.source or "the standard library")
+    return kdata.split_records(records, seed=dcfg.seed, valid=dcfg.valid, test=dcfg.test)
+
+
+def make_rows(dcfg, splits, tokenizer, *, packing: bool | None = None) -> dict[str, dict]:
+    """Training and validation rows of the splits ([N, data.max_length], response-only masks)."""
+    packing = dcfg.packing if packing is None else packing
+    rows = {k: kdata.make_rows(v, tokenizer, max_length=dcfg.max_length, template=dcfg.template,
+                               on_long_prompt="skip", packing=packing and k == "train")
+            for k, v in splits.items() if k != "test" and v}
+    if len(rows.get("train", {}).get("input_ids", ())) == 0:
+        raise ConfigError("data.max_length", f"{dcfg.max_length}: no training prompt fits; raise it")
+    return rows
+
+
+def eval_records(records, tokenizer, cfg, n: int):
+    """The first `n` records whose prompt fits in data.max_length tokens (as in training)."""
+    out = []
+    for r in records:
+        if len(out) >= n:
+            break
+        if len(kdata.prompt_ids([r], tokenizer, template=cfg.data.template)[0]) < cfg.data.max_length:
+            out.append(r)
+    return out
+
+
+# ---- the step: a loss and a batch source ------------------------------------------------------
+class RowBatches:
+    """The batch of global step s: `kdata.batch_at(rows, s)`, a pure function of the step."""
+
+    def __init__(self, rows, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = {k: rows[k] for k in kdata.ROW_KEYS}, batch_size, seed
+        self.examples = len(rows["input_ids"])
+        self.rows = batch_size
+        kdata.steps_per_epoch(self.data, batch_size)  # a clear error when one batch cannot be filled
+
+    def __call__(self, step, model=None) -> Batch:
+        rows = kdata.batch_at(self.data, step, batch_size=self.batch_size, seed=self.seed)
+        return Batch(rows, tokens=rows["input_ids"].size)
+
+
+def token_totals(rows) -> dict:
+    """The KD / SFT normaliser: response tokens of the whole batch."""
+    return {"tokens": jnp.maximum(jnp.sum(rows["loss_mask"]), 1.0)}
+
+
+def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef, kd, vocab_size, mesh,
+            packed=False):
+    """Response-token loss of one micro-batch: the sum over its tokens / the batch's token count.
+    Without a teacher (teacher_graphdef None): SFT's cross-entropy."""
+    h, head = hidden_and_head(graphdef, params, rows, packed=packed)
+    common = dict(vocab_size=vocab_size, chunk_size=kd.chunk_size, mesh=mesh, normalizer=totals["tokens"])
+    if teacher_graphdef is None:
+        loss, metrics = losses.chunked_cross_entropy(h, head, rows["targets"], rows["loss_mask"], **common)
+    else:
+        th, thead = jax.tree.map(jax.lax.stop_gradient,
+                                 hidden_and_head(teacher_graphdef, teacher_params, rows, packed=packed))
+        loss, metrics = losses.chunked_distill_loss(h, head, th, thead, rows["targets"], rows["loss_mask"],
+                                                    divergence=kd.divergence, temperature=kd.temperature,
+                                                    kd_ratio=kd.kd_ratio, beta=kd.beta, alpha=kd.alpha, **common)
+    metrics.pop("num_tokens")
+    return loss, metrics
+
+
+def validation(cfg, tokenizer, splits, rows):
+    """Validation loss, and greedy Rouge-L on `eval.curve_samples` validation prompts."""
+    from kdjax import evaluate
+    records = eval_records(splits.get("valid", []), tokenizer, cfg, cfg.eval.curve_samples)
+
+    def run(model) -> dict:
+        v = evaluate.validation_loss(model, rows["valid"], batch_size=cfg.train.batch_size,
+                                     chunk_size=cfg.kd.chunk_size)
+        out = {"val_loss": v["loss"], "val_ppl": v["perplexity"]}
+        if records:
+            r = evaluate.rouge_eval(model, tokenizer, records, seeds=(0,), temperature=0.0,
+                                    max_new_tokens=cfg.eval.max_new_tokens, template=cfg.data.template,
+                                    batch_size=cfg.eval.batch_size)
+            out.update(rougeL=r["rougeL"], rougeL_unicode=r["rougeL_unicode"])
+        return out
+    return run
+
+
+def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None) -> Task:
+    """KD of `model` from `teacher` (SFT when teacher is None) as the loop runs it; `batches`
+    replaces the data rows (GKD's on-policy source)."""
+    graphdef = nnx.graphdef(model)
+    tgraph = None if teacher is None else nnx.graphdef(teacher)
+    vocab = None if teacher is None else shared_vocab(model, teacher, tokenizer)
+    loss = partial(kd_loss, graphdef=graphdef, teacher_graphdef=tgraph, kd=cfg.kd, vocab_size=vocab,
+                   mesh=mesh if mesh.size > 1 else None, packed=bool(cfg.data.packing))
+    return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
+                batches=batches or RowBatches(rows["train"], cfg.train.batch_size, cfg.train.seed),
+                frozen=None if teacher is None else nnx.to_pure_dict(nnx.state(teacher)), evaluate=evaluate)
+
+
+def prepare(cfg):
+    """Everything a run checks before loading a model: config, data records, tokenizer, rows, mesh."""
+    from kdjax.checkpoint import load_tokenizer
+    check_config(cfg)
+    splits = load_splits(cfg.data)
+    tokenizer = load_tokenizer(cfg.teacher)
+    if tokenizer is None:
+        raise ConfigError("teacher", f"{cfg.teacher}: no tokenizer next to the weights")
+    rows = make_rows(cfg.data, splits, tokenizer)
+    mesh = config_mesh(cfg, cfg.train.batch_size // cfg.train.grad_accum, "the micro-batch")
+    print(f"data: {len(rows['train']['input_ids'])} train rows, {len(rows.get('valid', {}).get('input_ids', []))} "
+          f"valid rows, {len(splits['test'])} test records; mesh {dict(mesh.shape)}", flush=True)
+    return splits, tokenizer, rows, mesh
+
+
+def train(cfg, *, overwrite: bool = False) -> dict:
+    """Runs SFT (cfg.mode == "sft": `teacher` is the model trained) or KD as configured; returns
+    {"student", "teacher" (None for SFT), "tokenizer", "splits", "rows", "mesh", "best", ...}."""
+    splits, tokenizer, rows, mesh = prepare(cfg)
+    resolve_steps(cfg, len(rows["train"]["input_ids"]))
+    run = RunDir(cfg, overwrite=overwrite)
+    try:
+        if cfg.mode == "sft":
+            teacher, (model, _) = None, load_trained(cfg.teacher, cfg, mesh)
+        else:
+            teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
+            model = load_student(cfg, teacher, tokenizer, mesh)
+        evaluate = validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
+        result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate), run)
+    finally:
+        run.close()
+    return dict(student=result["model"], last=result["last"], teacher=teacher, tokenizer=tokenizer, splits=splits,
+                rows=rows, mesh=mesh, best=result["best"], start_step=result["start_step"])
