@@ -1,0 +1,168 @@
+"""Several processes on JAX's own runtime (jax.distributed, CPU collectives over gloo): 2 and 4
+processes on localhost, each with its share of 8 simulated devices, train exactly as one process on
+the same global mesh; a checkpoint written by 2 processes continues in 1 process on another mesh;
+each process places only its own rows of a batch, and together they place all of them."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax import checkpoint, data, gguf_io
+from kdjax.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One process of a run: its id, the process count, then the trainer and its config fields as JSON.
+WORKER = r"""
+import json, os, sys
+pid, n, mode, fields = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+import jax
+if n > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
+from kdjax import grpo_config, train_config
+from kdjax.training import distill, grpo
+from kdjax.training.run import run
+c = grpo_config.get_config() if mode == "grpo" else train_config.get_config()
+for k, v in fields.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = v
+c.mode = mode
+if mode == "grpo":
+    share_of_e = lambda texts, rec: {"total": [t.count("e") / max(len(t), 1) for t in texts]}
+    grpo.train(c, reward_fn=share_of_e)
+else:
+    run(c, mode)
+"""
+
+# Which rows of a global batch each process places (kdjax.sharding.place_rows), as JSON lines.
+ROWS = r"""
+import json, os, sys
+pid, n = int(sys.argv[1]), int(sys.argv[2])
+import jax
+import numpy as np
+if n > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
+from kdjax import sharding
+mesh = sharding.make_mesh(2, 2, 2)
+batch = np.arange(16 * 3).reshape(16, 3)
+placed = sharding.place_rows({"x": batch}, mesh)["x"]
+rows = sorted({int(r) for s in placed.addressable_shards for r in np.asarray(s.data)[:, 0] // 3})
+mine = sharding.process_rows(mesh, 16)
+print("ROWS=" + json.dumps({"process": pid, "rows": rows, "slice": [mine.start, mine.stop]}), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, n: int, *args, timeout=900):
+    """`script` in n processes (8 / n simulated CPU devices each); their outputs, in process order."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(n), *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-4000:]
+        outs.append(out)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=300, num_layers=4, max_position_embeddings=128)
+    kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "teacher"), format="kdjax", tokenizer=tok)
+    data.save_records([data.Record(prompt=f"f{i}", response=f"g{i} h{i}") for i in range(40)], str(root / "p.jsonl"))
+    data.save_records([data.Record(prompt=f"f{i}", response=f"def f{i}(): return {i}", tests=(f"assert f{i}() == {i}",))
+                       for i in range(16)], str(root / "problems.jsonl"))
+    return root
+
+
+def fields(setup, out, **kw):
+    f = {"teacher": str(setup / "teacher"), "student_layers": "every_other", "out_dir": str(out),
+         "data.source": str(setup / "p.jsonl"), "data.layout": "records", "data.template": "plain",
+         "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 4,
+         "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.checkpoint_every": 2,
+         "kd.chunk_size": 48, "eval.num_samples": 0, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    f.update(kw)
+    return json.dumps(f)
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+
+
+def hf_params(path):
+    return dict(checkpoint.iter_hf_dir(str(path)))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_kd_on_n_processes_equals_one_process(setup, tmp_path, n):
+    launch(WORKER, 1, "distill", fields(setup, tmp_path / "one"))
+    launch(WORKER, n, "distill", fields(setup, tmp_path / "many"))
+    one, many = losses(tmp_path / "one"), losses(tmp_path / "many")
+    assert [s for s, _ in one] == [1, 2, 3, 4] == [s for s, _ in many]  # written once, by process 0
+    np.testing.assert_allclose([l for _, l in many], [l for _, l in one], rtol=1e-5)
+    a, b = hf_params(tmp_path / "one" / "student"), hf_params(tmp_path / "many" / "student")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_grpo_step_on_2_processes_equals_one_process(setup, tmp_path):
+    kw = dict(**{"data.source": str(setup / "problems.jsonl"), "data.valid": 0, "data.test": 2, "train.steps": 1,
+                 "train.batch_size": 4, "grpo.num_generations": 2, "grpo.max_new_tokens": 6, "grpo.system": ""})
+    launch(WORKER, 1, "grpo", fields(setup, tmp_path / "one", **kw))
+    launch(WORKER, 2, "grpo", fields(setup, tmp_path / "two", **kw))
+    rows = lambda out: [json.loads(line) for line in open(out / "metrics.jsonl")]
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(one) == len(two) == 1
+    for k in ("loss", "grad_norm", "reward_total", "kl"):
+        assert two[0][k] == pytest.approx(one[0][k], rel=1e-5, abs=1e-8), k
+
+
+def test_checkpoint_of_2_processes_continues_in_1_process_on_another_mesh(setup, tmp_path):
+    launch(WORKER, 1, "distill", fields(setup, tmp_path / "whole", **{"train.steps": 6}))
+    launch(WORKER, 2, "distill", fields(setup, tmp_path / "cut", **{"train.steps": 6, "train.checkpoint_every": 2,
+                                                                     "eval.before": False}))
+    # drop the last checkpoint: the run "stopped" after step 4
+    ckpts = tmp_path / "cut" / "checkpoints"
+    import shutil
+    shutil.rmtree(ckpts / "6")
+    launch(WORKER, 1, "distill", fields(setup, tmp_path / "cut", resume=True,
+                                        **{"train.steps": 6, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}))
+    whole, cut = dict(losses(tmp_path / "whole")), dict(losses(tmp_path / "cut"))
+    assert sorted(cut) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([cut[s] for s in (5, 6)], [whole[s] for s in (5, 6)], rtol=1e-5)
+
+
+def test_each_process_places_its_own_rows_and_together_all(setup):
+    for n in (2, 4):
+        outs = [json.loads(line[5:]) for out in launch(ROWS, n) for line in out.splitlines()
+                if line.startswith("ROWS=")]
+        rows = [set(o["rows"]) for o in outs]
+        assert len(rows) == n and set().union(*rows) == set(range(16))
+        assert sum(map(len, rows)) == 16  # disjoint
+        for o in outs:
+            assert o["rows"] == list(range(*o["slice"]))  # process_rows names exactly the rows placed
