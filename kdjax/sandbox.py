@@ -50,7 +50,10 @@ from concurrent.futures import ThreadPoolExecutor
 from kdjax import sandbox_confine
 
 STATUSES = ("passed", "failed", "error", "timeout")
-JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_judge.py")
+# The judge runs outside the package (no site-packages, no kdjax import), imported rather than run as
+# a script so that its bytecode is cached; its directory leaves sys.path before any test runs.
+JUDGE = ("import sys; sys.path.insert(0, {!r}); import sandbox_judge; del sys.path[0]; sandbox_judge.main()"
+         .format(os.path.dirname(os.path.abspath(__file__))))
 _STARTUP_S = 60.0  # for the interpreter to start and the sandbox to report "ready" on a loaded machine
 _MAX_EVENT_BYTES = 1 << 20
 _TMPFS_MB, _FILE_MB, _THREADS, _FILES = 64, 16, 16, 256
@@ -189,12 +192,11 @@ def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: 
                   "limits": {"RLIMIT_AS": int(memory_mb) << 20, "RLIMIT_FSIZE": _FILE_MB << 20, "RLIMIT_CORE": 0,
                              "RLIMIT_CPU": int((len(tests) - start + 1) * timeout_s) + 2,
                              "RLIMIT_NPROC": _THREADS, "RLIMIT_NOFILE": _FILES}}
-        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
-               "HOME": run_dir, "TMPDIR": run_dir, "OMP_NUM_THREADS": "1",
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": run_dir, "TMPDIR": run_dir, "OMP_NUM_THREADS": "1",
                "MALLOC_ARENA_MAX": "1"}  # each thread's 64 MiB malloc arena would eat the address-space limit
         try:
             with open(stderr_path, "wb") as stderr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", JUDGE, json.dumps(params)], cwd=base, env=env,
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JUDGE, json.dumps(params)], cwd=base, env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                         pass_fds=(write_fd,), start_new_session=True)
         except OSError as e:

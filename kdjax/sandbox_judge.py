@@ -1,6 +1,6 @@
 """The sandbox's processes: the trusted judge, which runs the tests and decides, and the candidate,
-which runs the code under kernel limits. kdjax.sandbox starts the judge as
-`python -I -S sandbox_judge.py PARAMS` (no site-packages, nothing of kdjax imported):
+which runs the code under kernel limits. kdjax.sandbox starts the judge as `python -I -S -c
+"import sandbox_judge; sandbox_judge.main()" PARAMS` (no site-packages, nothing of kdjax imported):
 
     judge (trusted)                       keeper               candidate (confined, PID 1)
       forks the keeper ------------------> enter_namespaces
@@ -29,7 +29,7 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sandbox_confine as confine  # noqa: E402  (beside this file; not importable once it is removed)
+import sandbox_confine as confine  # noqa: E402  (beside this file, imported as kdjax.sandbox_judge or not)
 
 del sys.path[0]
 
@@ -404,6 +404,7 @@ def run_test(candidate: Candidate, job: dict, i: int) -> tuple[str, str]:
 
 
 def main() -> None:
+    """The judge: sys.argv[1] holds its parameters (JSON, from kdjax.sandbox._run_judge)."""
     params = json.loads(sys.argv[1])
     events = os.fdopen(params["events_fd"], "w")
 
@@ -438,6 +439,3 @@ def main() -> None:
             return  # kdjax.sandbox goes on with the next test in a fresh sandbox
     candidate.close()
 
-
-if __name__ == "__main__":
-    main()
