@@ -19,8 +19,9 @@ judge decides whether to go on (`strict`). What each layer blocks:
   ipc-ns, uts-ns  no System V IPC or hostname shared with the machine
   tmpfs           the run directory is a private tmpfs of `tmpfs_mb`: writes cannot fill the disk
   rlimits         RLIMIT_AS (memory), CPU, FSIZE, NPROC (threads), NOFILE, CORE=0
-  landlock-fs     opens only: reads of the standard library (not site-packages) and system
-                  libraries, reads and writes of the run directory; everything else is refused
+  landlock-fs     opens only: reads of the standard library and the system's shared libraries,
+                  reads and writes of the run directory; everything else is refused (site-packages
+                  under the standard library is also covered by an empty tmpfs in the mount namespace)
   landlock-net    no TCP bind or connect
   landlock-scope  signals and abstract Unix sockets reach only processes inside the sandbox
   seccomp         refused: fork/vfork/clone without CLONE_THREAD (threads still work), exec,

@@ -254,7 +254,7 @@ def test_the_caller_gets_no_signal_and_no_process_outlives_the_call():
                 "            pass\n        sent += libc.kill(pid, sig) == 0\n    return sent\n"
                 "def own_group():\n    posix.kill(0, signal.SIGTERM)\n    posix.kill(posix.getppid(), signal.SIGUSR1)\n"
                 "def ptrace():\n    return [libc.ptrace(16, caller, 0, 0), libc.syscall(310, caller, 0, 0, 0, 0, 0)]\n"
-                "def linger():\n    libc.prctl(15, marker.encode(), 0, 0, 0)\n"
+                "def linger():\n    libc.prctl(15, marker.encode(), 0, 0, 0)\n    posix.setsid()\n"
                 "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
                 "    while True:\n        pass\n"
