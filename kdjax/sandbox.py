@@ -112,6 +112,17 @@ def names_from_code(test: str, trusted: str = "") -> tuple[list[str], list[str]]
     return [n for n in free if n not in modules], modules
 
 
+def _imported_modules(trusted: str) -> list[str]:
+    """The standard-library modules `trusted` code imports (HumanEval's prompt: typing, math)."""
+    try:
+        tree = ast.parse(trusted)
+    except SyntaxError:
+        return []
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return sorted(names & sys.stdlib_module_names)
+
+
 def _bound_names(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
@@ -188,6 +199,7 @@ def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: 
         with open(os.open(job_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             json.dump(dict(job, start=start), f)
         params = {"events_fd": write_fd, "job": job_path, "run_dir": run_dir, "strict": strict,
+                  "preload": _imported_modules(job["prompt"]),
                   "required": list(required_layers()), "tmpfs_mb": _TMPFS_MB,
                   "limits": {"RLIMIT_AS": int(memory_mb) << 20, "RLIMIT_FSIZE": _FILE_MB << 20, "RLIMIT_CORE": 0,
                              "RLIMIT_CPU": int((len(tests) - start + 1) * timeout_s) + 2,

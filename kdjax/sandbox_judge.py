@@ -412,6 +412,11 @@ def main() -> None:
         events.write(json.dumps(event) + "\n")
         events.flush()
 
+    for name in params["preload"]:  # what the prompt imports, imported once for both processes
+        try:
+            __import__(name)
+        except ImportError:
+            pass  # the prompt's own import reports it
     candidate = Candidate(params)
     try:
         layers = candidate.ready()
