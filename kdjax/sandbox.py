@@ -119,7 +119,8 @@ def _imported_modules(trusted: str) -> list[str]:
     except SyntaxError:
         return []
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module and not n.level}
     return sorted(names & sys.stdlib_module_names)
 
 
@@ -204,12 +205,12 @@ def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: 
                   "limits": {"RLIMIT_AS": int(memory_mb) << 20, "RLIMIT_FSIZE": _FILE_MB << 20, "RLIMIT_CORE": 0,
                              "RLIMIT_CPU": int((len(tests) - start + 1) * timeout_s) + 2,
                              "RLIMIT_NPROC": _THREADS, "RLIMIT_NOFILE": _FILES}}
-        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": run_dir, "TMPDIR": run_dir, "OMP_NUM_THREADS": "1",
-               "MALLOC_ARENA_MAX": "1"}  # each thread's 64 MiB malloc arena would eat the address-space limit
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": run_dir, "TMPDIR": run_dir,
+               "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}  # a thread's own malloc arena: 64 MiB of RLIMIT_AS
         try:
             with open(stderr_path, "wb") as stderr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JUDGE, json.dumps(params)], cwd=base, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JUDGE, json.dumps(params)], cwd=base,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                         pass_fds=(write_fd,), start_new_session=True)
         except OSError as e:
             os.close(read_fd)

@@ -280,8 +280,8 @@ def _seccomp(lib) -> list[str]:
         def refuse(name: str, errno: int = _EPERM, *cmp: _ArgCmp) -> None:
             nr = lib.seccomp_syscall_resolve_name(name.encode())
             if nr >= 0:
-                _check(lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO(errno), nr, len(cmp), (_ArgCmp * len(cmp))(*cmp)),
-                       f"seccomp rule {name}")
+                args = (_ArgCmp * len(cmp))(*cmp)
+                _check(lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO(errno), nr, len(cmp), args), f"seccomp {name}")
         for name in REFUSED_SYSCALLS:
             refuse(name)
         refuse("clone", _EPERM, _ArgCmp(0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a process, not a thread

@@ -323,7 +323,11 @@ class Candidate:
             if code == -signal.SIGXCPU:
                 self.dead = "CPU time limit exceeded (SIGXCPU)"
             elif code < 0:
-                self.dead = f"the process crashed ({signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code})"
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                self.dead = f"the process crashed ({name})"
             else:
                 self.dead = f"the process exited with code {code} (sys.exit or os._exit in the code?)"
         return self.dead
