@@ -180,6 +180,23 @@ def _judge_stderr(path: str) -> str:
     return f": {lines[-1][:300]}" if lines else ""
 
 
+def _end_judge(proc: subprocess.Popen) -> None:
+    """SIGTERM: the judge kills its candidate, reaps every process of it and exits, so that nothing
+    outlives the call, not even a zombie. SIGKILL to its process group only if it does not."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: bool
                ) -> tuple[list[tuple[str, str]], int | None, tuple[str, ...]]:
     """Run tests[start:] in one judge (and its candidate). Returns ((status, message) per test
@@ -259,11 +276,7 @@ def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: 
             restart_at = start + len(outcomes)
             return outcomes, restart_at if restart_at < len(tests) else None, layers
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the judge and its keeper; the candidate dies with them
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            _end_judge(proc)
             os.close(read_fd)
 
 

@@ -54,7 +54,8 @@ _NAMESPACES = {"pid-ns": CLONE_NEWPID, "net-ns": CLONE_NEWNET, "mount-ns": CLONE
                "ipc-ns": CLONE_NEWIPC, "uts-ns": CLONE_NEWUTS}
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 4, 38, 47, 4
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 def _check(ret: int, what: str) -> int:
@@ -67,6 +68,11 @@ def _check(ret: int, what: str) -> int:
 def die_with_parent() -> None:
     """SIGKILL this process when the process (thread) that forked it exits."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def adopt_orphans() -> None:
+    """Make this process the parent of its descendants' orphans (PR_SET_CHILD_SUBREAPER), to reap them."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 # ---- namespaces, in the keeper -----------------------------------------------------------------

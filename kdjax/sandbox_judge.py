@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandbox_confine as confine  # noqa: E402  (beside this file, imported as kdjax.sandbox_judge or not)
@@ -175,6 +176,7 @@ def _keeper(params: dict, judge: int, req_r: int, rep_w: int, status_w: int, lib
         confine.die_with_parent()
         if os.getppid() != judge:
             os._exit(1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the judge's handler is the judge's
         keep = {req_r, rep_w, status_w}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd > 2 and fd not in keep:
@@ -332,10 +334,26 @@ class Candidate:
                 self.dead = f"the process exited with code {code} (sys.exit or os._exit in the code?)"
         return self.dead
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """Let the candidate exit (it reads EOF), SIGKILL its keeper if it has not after a second,
+        and reap every process left of it: the judge adopts the orphans (sandbox_confine.adopt_orphans)."""
         if not self.dead:
-            self.requests.close()  # the candidate reads EOF and exits
-            self.stop()
+            self.dead = "ended"
+            try:
+                self.requests.close()
+            except OSError:
+                pass
+            for _ in range(1000):
+                if os.waitpid(self.keeper, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.001)
+            else:
+                os.kill(self.keeper, signal.SIGKILL)
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
 
 
 class Remote:
@@ -421,7 +439,24 @@ def main() -> None:
             __import__(name)
         except ImportError:
             pass  # the prompt's own import reports it
+    confine.adopt_orphans()
+    candidate = None
+
+    def end(*_):  # SIGTERM, from kdjax.sandbox after a timeout (or at the end): leave nothing behind
+        if candidate is not None:
+            candidate.end()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
     candidate = Candidate(params)
+    try:
+        judge(candidate, params, report)
+    finally:
+        candidate.end()
+
+
+def judge(candidate: Candidate, params: dict, report) -> None:
+    """Check the candidate's layers, read the job, load the code, run the tests, report each."""
     try:
         layers = candidate.ready()
     except CodeDied as e:
@@ -430,7 +465,6 @@ def main() -> None:
     missing = [layer for layer in params["required"] if layer not in layers]
     report(event="ready", layers=layers, missing=missing)
     if missing and params["strict"]:
-        candidate.stop("refused")
         return
     with open(params["job"]) as f:
         job = json.load(f)
@@ -446,5 +480,3 @@ def main() -> None:
         report(event="test", index=i, status=status, message=message)
         if candidate.dead:
             return  # kdjax.sandbox goes on with the next test in a fresh sandbox
-    candidate.close()
-
