@@ -2,22 +2,23 @@
 raise for what the code does.
 
     result = run_tests(code, ["assert f(1) == 2", "assert f(2) == 3"], timeout_s=5)   # MBPP
-    result = run_tests(completion, problem["test"], entry_point=problem["entry_point"],
-                       prompt=problem["prompt"])                                    # HumanEval
+    result = run_tests(problem["prompt"] + completion, problem["test"],
+                       entry_point=problem["entry_point"], prompt=problem["prompt"])  # HumanEval
     result.fraction_passed, [(o.status, o.message) for o in result.outcomes], result.isolation
 
 The code is what an RL policy writes to maximise the fraction passed, so it runs in one process
 (the candidate) and the tests in another (the judge, kdjax/sandbox_judge.py) that never loads the
 code: each name a test takes from the code is a stand-in whose calls send plain-data arguments to
-the candidate and get a plain-data result back (None, bool, int, float, str, bytes and lists,
-tuples, sets, dicts of them, by exact type), which the judge rebuilds and compares itself. A value
-that is not plain data fails its test. Each test runs in fresh globals with the judge's builtins;
+the candidate and get a plain-data result back (None, bool, int, float, complex, str, bytes and
+lists, tuples, sets, dicts of them, by exact type: sandbox_judge.encode), which the judge rebuilds
+and compares itself. A value that is not plain data fails its test. Each test runs in fresh globals with the judge's builtins;
 HumanEval's helpers (poly, encode_cyclic) come from `prompt`, run on the judge's side. For MBPP
 asserts, the names taken from the code are the free names of the assert that are not builtins and
 not standard-library modules the assert uses (those the judge imports itself).
 
 The candidate runs under kernel limits (kdjax/sandbox_confine.py: namespaces, Landlock, seccomp,
-rlimits, uid 65534 when started as root); `SandboxResult.isolation` names the layers applied.
+rlimits, uid 65534 when started as root); `SandboxResult.isolation` names the layers applied. When
+run_tests returns, every process of the call has exited and been reaped.
 Where the kernel offers less, one warning; with `strict=True` the call raises SandboxUnavailable
 instead of running the code with a required layer (sandbox_confine.REQUIRED) missing.
 
