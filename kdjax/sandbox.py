@@ -329,6 +329,12 @@ def run_tests(code: str, tests: str | Sequence[str], timeout_s: float = 5.0, *, 
                          layers)
 
 
+def probe(strict: bool = False) -> tuple[str, ...]:
+    """The layers this machine applies (a sandbox started with no code). strict=True raises
+    SandboxUnavailable where a required one is missing: for a GRPO run to fail before its model loads."""
+    return run_tests("", ["pass"], strict=strict).isolation
+
+
 def workers() -> int:
     """How many sandboxes to run at once: the cores this process may use."""
     return len(os.sched_getaffinity(0))

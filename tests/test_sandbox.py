@@ -44,6 +44,7 @@ def test_every_layer_is_applied_on_this_kernel():
     assert r.all_passed
     assert set(r.isolation) == set(sandbox_confine.LAYERS) - ({"uid-drop"} if os.geteuid() else set())
     assert set(sandbox.required_layers()) <= set(r.isolation)
+    assert sandbox.probe(strict=True) == r.isolation
 
 
 def test_code_that_does_not_load():
@@ -156,6 +157,8 @@ def test_strict_refuses_and_lenient_warns_once(monkeypatch):
     monkeypatch.setattr(sandbox, "required_layers", lambda: ("seccomp", "a-layer-no-kernel-has"))
     with pytest.raises(sandbox.SandboxUnavailable, match="a-layer-no-kernel-has"):
         run_tests("def f():\n    return 1\n", ["assert f() == 1"], strict=True)
+    with pytest.raises(sandbox.SandboxUnavailable, match="a-layer-no-kernel-has"):
+        sandbox.probe(strict=True)
     with pytest.warns(RuntimeWarning, match="a-layer-no-kernel-has") as caught:
         r1 = run_tests("def f():\n    return 1\n", ["assert f() == 1"])
         r2 = run_tests("def f():\n    return 1\n", ["assert f() == 1"])
