@@ -224,7 +224,7 @@ class Verdict(BaseException):
 
 
 class NotPlainData(Verdict):
-    pass
+    """A value the code returned, or an argument the test passes to it, is not plain data."""
 
 
 class CodeRaised(Verdict):
