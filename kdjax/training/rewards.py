@@ -5,7 +5,8 @@ and group-relative advantages.
     steps   open-r1's reasoning_steps_reward: min(1, (matches of "Step k:", "1.", "- ", "First,",
             ...) / 3)
     tests   the fraction of the problem's tests that the answer's last fenced code block (or the
-            text after </think>) passes in `kdjax.sandbox`
+            text after </think>) passes in `kdjax.sandbox` (the verdict is reached outside the code's
+            process; strict: refused rather than run without the kernel's limits)
     length  open-r1's len_reward (Kimi 1.5), within the group: lam = 0.5 - (len - min) / (max -
             min) in characters; lam for an answer that passes every test, min(0, lam) otherwise
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax.sandbox import parallel_map
 
 REWARDS = ("format", "steps", "tests", "length")
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(\S.*)$", re.S)
@@ -50,8 +53,9 @@ def tests_reward(text: str, record: kdata.Record, *, timeout_s: float = 5.0) -> 
     if record.entry_point is not None:  # HumanEval: the prompt's imports (typing.List, math) come with it
         imports = [l for l in record.prompt.splitlines() if l.startswith(("import ", "from "))]
         code = "\n".join(imports + [code])
-    result = run_tests(code, record.tests if record.entry_point is None else record.tests[0],
-                       timeout_s, entry_point=record.entry_point, setup_code=record.test_setup)
+    result = run_tests(code, record.tests if record.entry_point is None else record.tests[0], timeout_s,
+                       entry_point=record.entry_point, setup_code=record.test_setup,
+                       prompt=record.prompt if record.entry_point is not None else "", strict=True)
     return result.fraction_passed
 
 
@@ -70,8 +74,8 @@ def group_rewards(texts: Sequence[str], record: kdata.Record, weights: dict, *, 
     out = {"format": np.array([format_reward(t) for t in texts]),
            "steps": np.array([steps_reward(t) for t in texts])}
     need_tests = weights.get("tests", 0) or weights.get("length", 0)
-    out["tests"] = np.array([tests_reward(t, record, timeout_s=timeout_s) for t in texts]) if need_tests \
-        else np.zeros(len(texts))
+    out["tests"] = np.array(parallel_map(partial(tests_reward, record=record, timeout_s=timeout_s), texts)) \
+        if need_tests else np.zeros(len(texts))
     out["length"] = np.array(length_rewards([len(t) for t in texts], [x == 1.0 for x in out["tests"]]))
     out["total"] = sum(float(weights.get(k, 0.0)) * out[k] for k in REWARDS)
     return out
