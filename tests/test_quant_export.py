@@ -74,9 +74,28 @@ def spec_dequantize(t, prefix, bits=4):
     return w.T.contiguous()
 
 
+def spec_logits(t, conf, ids):
+    """Logits of a plain transformers model (nn.Linear) holding the spec reading of the GPTQ tensors
+    `t`; conf: the checkpoint's config.json without quantization_config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    state = {}
+    for name in t:
+        if name.endswith(".qweight"):
+            prefix = name[:-len(".qweight")]
+            state[prefix + ".weight"] = spec_dequantize(t, prefix)
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            state[name] = t[name]
+    conf = dict(conf)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    with torch.no_grad():
+        return hf(torch.tensor(ids)).logits.numpy()
+
+
 @pytest.mark.parametrize("case", ["sym_act", "asym"])
 def test_spec_dequantizer_in_transformers_matches_kdjax_int4(tiny, case):
-    from transformers import AutoConfig, AutoModelForCausalLM
     cfg, ids, out = tiny
     dst, int4_logits, qm = out[case]
     conf = json.load(open(os.path.join(dst, "config.json")))
@@ -90,24 +109,10 @@ def test_spec_dequantizer_in_transformers_matches_kdjax_int4(tiny, case):
     assert t["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
     if case == "sym_act":
         assert not torch.equal(t["model.layers.0.mlp.down_proj.g_idx"], torch.arange(128) // 32)
-    state = {}
-    for name in list(t):
-        if name.endswith(".qweight"):
-            prefix = name[:-len(".qweight")]
-            state[prefix + ".weight"] = spec_dequantize(t, prefix)
-        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
-            state[name] = t[name]
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
-    with torch.no_grad():
-        logits = hf(torch.tensor(ids)).logits.numpy()
-    assert rel_err(logits, int4_logits) < 1e-4
+    assert rel_err(spec_logits(t, conf, ids), int4_logits) < 1e-4
 
 
 def test_qwen3_export_read_by_the_spec_dequantizer_matches_kdjax_int4(tiny_qwen3):
-    from transformers import AutoConfig, AutoModelForCausalLM
     ids, dst, int4_logits = tiny_qwen3
     conf = json.load(open(os.path.join(dst, "config.json")))
     conf.pop("quantization_config")
@@ -116,19 +121,7 @@ def test_qwen3_export_read_by_the_spec_dequantizer_matches_kdjax_int4(tiny_qwen3
     assert t["model.layers.0.self_attn.q_proj.qweight"].shape == (64 // 8, 128)  # 4 heads x 32
     assert t["model.layers.0.self_attn.o_proj.qweight"].shape == (128 // 8, 64)
     assert t["model.layers.1.self_attn.k_norm.weight"].shape == (32,)  # norms stay float
-    state = {}
-    for name in t:
-        if name.endswith(".qweight"):
-            prefix = name[:-len(".qweight")]
-            state[prefix + ".weight"] = spec_dequantize(t, prefix)
-        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
-            state[name] = t[name]
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
-    with torch.no_grad():
-        assert rel_err(hf(torch.tensor(ids)).logits.numpy(), int4_logits) < 1e-4
+    assert rel_err(spec_logits(t, conf, ids), int4_logits) < 1e-4
 
 
 @pytest.fixture

@@ -104,6 +104,16 @@ def save_gptq(model, qm: QuantizedModel, dst: str, *, tokenizer=None, dtype: str
 _PACKED = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
+def is_gptq_dir(path: str) -> bool:
+    """True when `path` is a directory whose config.json says quant_method "gptq"."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "gptq"
+
+
 def read_gptq(path: str):
     """Reads a GPTQ (v1) checkpoint directory (ours or another tool's, single safetensors file or
     sharded) -> (ModelConfig, QuantizedModel, float tensors), where the float tensors are (HF name,
