@@ -163,13 +163,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def family(name: str) -> Family:
-    """The family called `name` ("qwen2", "llama", "qwen3")."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; kdjax supports {', '.join(FAMILIES)}")
-    return FAMILIES[name]
-
-
 def family_of_hf_config(hf: dict[str, Any], source: str = "config.json") -> Family:
     """The family of a transformers config dict, by `architectures`, else by `model_type`."""
     archs = hf.get("architectures") or []
