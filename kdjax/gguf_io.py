@@ -9,17 +9,17 @@ What llama.cpp changed on the way in is undone as transformers' own GGUF loader 
 (transformers/modeling_gguf_pytorch_utils.py), and tests/test_gguf.py checks bit for bit:
 - Quantized tensors (Q4_1, Q8_0, K-quants, IQ-quants, ...) are dequantized with the `gguf`
   package, one tensor at a time: the tensors come as a lazy iterator, never all at once.
-- For the `llama` architecture (`Family.rope_permuted`), llama.cpp's converter permutes the rows of Q and K (weight and
-  bias) from HF's rotary layout (each head: first half, second half) to GGML's interleaved one
-  (pairs). `_undo_rope_permutation` inverts it. Qwen2 uses GGML's NEOX rope, the HF layout, so
-  its Q and K are stored as they are.
+- For the `llama` architecture (`Family.rope_permuted`), llama.cpp's converter permutes the rows
+  of Q and K (weight and bias) from HF's rotary layout (each head: first half, second half) to
+  GGML's interleaved one (pairs). `_undo_rope_permutation` inverts it. Qwen2 and Qwen3 use GGML's
+  NEOX rope, the HF layout, so their Q and K are stored as they are.
 The header is parsed here (`_parse`, ~0.2 s for SmolLM2) rather than with gguf.GGUFReader, which
 takes seconds on the 100k strings of a vocabulary; tensor data stay memory-mapped.
 
-The GGUF names and shapes of each tensor are the `gguf` and `shape` columns of the family's tensor
-table (kdjax/families.py). Only the families kdjax models are read (`SUPPORTED_ARCHS`); anything else, a tensor whose
-shape disagrees with the metadata, a missing or unexpected tensor, or a truncated file is a
-`GGUFError` that names the file and the tensor or key.
+The GGUF name and shape of each tensor are the `gguf` and `shape` columns of the family's tensor
+table (kdjax/families.py). Only the families kdjax models are read (`SUPPORTED_ARCHS`); anything
+else, a tensor whose shape disagrees with the metadata, a missing or unexpected tensor, or a
+truncated file is a `GGUFError` that names the file and the tensor or key.
 """
 
 from __future__ import annotations
