@@ -6,7 +6,7 @@
 """
 from kdjax.checkpoint import load, save
 from kdjax.config import ModelConfig
-from kdjax.model import Qwen2
+from kdjax.model import CausalLM, Qwen2
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "ModelConfig", "Qwen2"]
+__all__ = ["load", "save", "ModelConfig", "CausalLM", "Qwen2"]

@@ -2,7 +2,7 @@
 
 Parameters are read tensor by tensor and placed straight onto their devices (with their mesh
 sharding when a mesh is given), so a model never needs two full copies in host memory.
-The HF <-> kdjax names are one table of regular expressions.
+The HF <-> kdjax names come from the family's tensor table (kdjax/families.py), both directions.
 """
 from __future__ import annotations
 
@@ -19,45 +19,10 @@ import numpy as np
 from flax import nnx
 
 from kdjax.config import ModelConfig, load_hf_config
-from kdjax.model import Qwen2
+from kdjax.model import CausalLM
 
-# HF name regex -> (kdjax path template, transpose). Kernels are [in, out] here, [out, in] in torch.
-KEY_TABLE: list[tuple[str, str, bool]] = [
-    (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
-    (r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight", r"layers.\1.\2.\3.kernel", True),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias", r"layers.\1.self_attn.\2.bias", False),
-    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\1.\2.scale", False),
-    (r"model\.norm\.weight", "norm.scale", False),
-    (r"lm_head\.weight", "lm_head.kernel", True),
-]
-_COMPILED = [(re.compile(p + r"\Z"), t, tr) for p, t, tr in KEY_TABLE]
 # Tensors HF checkpoints may carry that the model does not use.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq\Z")
-
-
-def hf_to_kdjax_name(name: str) -> tuple[str, bool] | None:
-    for pat, tmpl, transpose in _COMPILED:
-        m = pat.match(name)
-        if m:
-            return m.expand(tmpl), transpose
-    return None
-
-
-# The same table read backwards: kdjax path regex -> HF name template.
-_REVERSE = [(re.compile(r"embed_tokens\.embedding\Z"), "model.embed_tokens.weight", False),
-            (re.compile(r"layers\.(\d+)\.(\w+)\.(\w+)\.kernel\Z"), r"model.layers.\1.\2.\3.weight", True),
-            (re.compile(r"layers\.(\d+)\.(\w+)\.(\w+)\.bias\Z"), r"model.layers.\1.\2.\3.bias", False),
-            (re.compile(r"layers\.(\d+)\.(\w+)\.scale\Z"), r"model.layers.\1.\2.weight", False),
-            (re.compile(r"norm\.scale\Z"), "model.norm.weight", False),
-            (re.compile(r"lm_head\.kernel\Z"), "lm_head.weight", True)]
-
-
-def kdjax_to_hf_name(path: str) -> tuple[str, bool]:
-    for pat, tmpl, transpose in _REVERSE:
-        m = pat.match(path)
-        if m:
-            return m.expand(tmpl), transpose
-    raise KeyError(f"no HF name for kdjax parameter {path!r}")
 
 
 # ---- safetensors, read and written directly (bf16 included, lazily, with clear errors) ----------
@@ -168,15 +133,16 @@ def _placement(var, mesh):
 
 
 def model_from_hf_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, mesh=None,
-                          source: str = "checkpoint") -> Qwen2:
+                          source: str = "checkpoint") -> CausalLM:
     """Fills an abstract model tensor by tensor; every parameter must be given exactly once."""
-    model = nnx.eval_shape(lambda: Qwen2(cfg))
+    family = cfg.family
+    model = nnx.eval_shape(lambda: CausalLM(cfg))
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     variables = {".".join(map(str, p)): v for p, v in flat}
     filled = set()
     for name, arr in tensors:
-        hit = hf_to_kdjax_name(name)
+        hit = family.kdjax_name(name)
         if hit is None:
             if _IGNORED.match(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
@@ -195,15 +161,16 @@ def model_from_hf_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndar
         filled.add(path)
     missing = sorted(set(variables) - filled)
     if missing:
-        raise ValueError(f"{source}: missing tensors for {', '.join(kdjax_to_hf_name(m)[0] for m in missing[:5])}"
+        raise ValueError(f"{source}: missing tensors for {', '.join(family.hf_name(m)[0] for m in missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
     return nnx.merge(graphdef, state)
 
 
-def hf_state_dict(model: Qwen2, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+def hf_state_dict(model: CausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, numpy array in torch layout) for every parameter, one at a time."""
+    family = model.config.family
     for path, var in _flat_vars(model).items():
-        name, transpose = kdjax_to_hf_name(path)
+        name, transpose = family.hf_name(path)
         value = var[...]
         if not value.is_fully_addressable:  # multi-host: every process joins the gather
             from jax.experimental import multihost_utils
@@ -215,7 +182,8 @@ def hf_state_dict(model: Qwen2, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
 
 
 # ---- the public load / save --------------------------------------------------------------------
-def _tokenizer_from_dir(path: str):
+def tokenizer_from_dir(path: str):
+    """The transformers tokenizer saved in directory `path`, or None when it holds none."""
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
@@ -291,17 +259,17 @@ def load(src: str, *, dtype=None, param_dtype=None, mesh=None, remat=None, remat
         cfg = ModelConfig.from_hf(hf_cfg, source=src, **ov)
         return model_from_hf_tensors(cfg, tensors, mesh=mesh, source=src), tokenizer
     if os.path.isdir(src) and os.path.exists(os.path.join(src, KDJAX_CONFIG)):
-        return load_kdjax(src, mesh=mesh, **ov), _tokenizer_from_dir(src)
+        return load_kdjax(src, mesh=mesh, **ov), tokenizer_from_dir(src)
     if os.path.isdir(src):
         cfg = load_hf_config(src, **ov)
-        return model_from_hf_tensors(cfg, iter_hf_dir(src), mesh=mesh, source=src), _tokenizer_from_dir(src)
+        return model_from_hf_tensors(cfg, iter_hf_dir(src), mesh=mesh, source=src), tokenizer_from_dir(src)
     raise FileNotFoundError(f"{src}: not a model directory, .gguf file or preset name")
 
 
 KDJAX_CONFIG = "kdjax_config.json"
 
 
-def save(model: Qwen2, dst: str, format: str = "kdjax", *, tokenizer=None, dtype=None):
+def save(model: CausalLM, dst: str, format: str = "kdjax", *, tokenizer=None, dtype=None):
     """Writes `model` to directory `dst`: format "kdjax" (orbax) or "hf" (safetensors + config.json,
     loadable by transformers.AutoModelForCausalLM). dtype: tensor dtype for "hf" (default: as stored)."""
     os.makedirs(dst, exist_ok=True)
@@ -310,7 +278,7 @@ def save(model: Qwen2, dst: str, format: str = "kdjax", *, tokenizer=None, dtype
         np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
         shapes = {}
         for path, var in _flat_vars(model).items():
-            name, transpose = kdjax_to_hf_name(path)
+            name, transpose = cfg.family.hf_name(path)
             shape = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
             shapes[name] = (shape, np_dtype or np.dtype(var.dtype))
         tensors = hf_state_dict(model, np_dtype)
@@ -343,7 +311,7 @@ def dataclasses_asdict(cfg):
     return dataclasses.asdict(cfg)
 
 
-def load_kdjax(path: str, *, mesh=None, **overrides) -> Qwen2:
+def load_kdjax(path: str, *, mesh=None, **overrides) -> CausalLM:
     import orbax.checkpoint as ocp
     with open(os.path.join(path, KDJAX_CONFIG)) as f:
         stored = json.load(f)
@@ -352,7 +320,7 @@ def load_kdjax(path: str, *, mesh=None, **overrides) -> Qwen2:
     # runtime options (compute dtype, remat, attention) need no copy of the weights.
     same_dtype = cfg.param_dtype == stored.get("param_dtype", cfg.param_dtype)
     read_cfg = cfg if same_dtype else ModelConfig(**stored)
-    model = nnx.eval_shape(lambda: Qwen2(read_cfg))
+    model = nnx.eval_shape(lambda: CausalLM(read_cfg))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
 
@@ -366,7 +334,7 @@ def load_kdjax(path: str, *, mesh=None, **overrides) -> Qwen2:
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     if not same_dtype:
-        new = nnx.eval_shape(lambda: Qwen2(cfg))
+        new = nnx.eval_shape(lambda: CausalLM(cfg))
         g2, s2 = nnx.split(new)
         src = {p: v for p, v in nnx.to_flat_state(nnx.split(model)[1])}
         for p, v in nnx.to_flat_state(s2):

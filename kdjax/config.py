@@ -1,21 +1,21 @@
-"""Model configuration: one frozen dataclass for the Qwen2 family (Qwen2, Qwen2.5, Llama-style SmolLM2).
+"""Model configuration: one frozen dataclass for every family of kdjax/families.py (Qwen2 / Qwen2.5,
+Llama-style SmolLM2, Qwen3).
 
-Named presets give the published sizes; `from_hf` maps any transformers `config.json` of these
-families onto it, and `to_hf` writes one back.
+Named presets give the published sizes; `from_hf` maps a transformers `config.json` of these
+families onto it, and `to_hf` writes one back; what differs between families comes from their
+`Family` record (`ModelConfig.family`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-}
+from kdjax.families import FAMILIES, Family, dims, family_of_hf_config
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,7 +38,7 @@ class ModelConfig:
     qkv_bias: bool = True
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
-    architecture: str = "qwen2"  # "qwen2" or "llama": decides HF names and the exported config
+    architecture: str = "qwen2"  # the family (kdjax.families.FAMILIES): "qwen2", "llama" or "qwen3"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     dtype: str = "float32"  # activations / compute
@@ -62,8 +62,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
-        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(f"ModelConfig.architecture={self.architecture!r}: expected 'qwen2' or 'llama'")
+        if self.architecture not in FAMILIES:
+            raise ValueError(f"ModelConfig.architecture={self.architecture!r}: expected one of {sorted(FAMILIES)}")
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
 
     @property
     def compute_dtype(self):
@@ -77,11 +81,14 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
-        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
+        """Parameters of the model: the family's tensors (kdjax.families.TENSORS) counted by shape."""
+        size = dims(vocab=self.vocab_size, hidden=self.hidden_size, ffn=self.intermediate_size,
+                    heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        total = 0
+        for t in self.family.tensors(bias=self.qkv_bias, tied=self.tie_word_embeddings):
+            n = math.prod(size[d] for d in t.shape)
+            total += n * (self.num_layers if "{i}" in t.kdjax else 1)
+        return total
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
@@ -93,16 +100,8 @@ class ModelConfig:
     # ---- transformers config.json -------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "ModelConfig":
-        """Maps a transformers config dict (Qwen2ForCausalLM / LlamaForCausalLM) onto ModelConfig."""
-        archs = hf.get("architectures") or []
-        model_type = hf.get("model_type")
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
-            arch = model_type
-        if arch is None:
-            raise ValueError(
-                f"{source}: unsupported architecture {archs or model_type!r}; kdjax supports "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type qwen2 or llama)")
+        """Maps a transformers config dict of a kdjax family (kdjax.families) onto ModelConfig."""
+        family = family_of_hf_config(hf, source)
 
         def need(key):
             if key not in hf:
@@ -122,7 +121,7 @@ class ModelConfig:
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        qkv_bias = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
+        qkv_bias = True if family.qkv_bias_only else bool(hf.get("attention_bias", False))
         cfg = dict(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
@@ -134,9 +133,9 @@ class ModelConfig:
             rope_theta=float(theta),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=qkv_bias,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            architecture=arch,
+            architecture=family.name,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
@@ -144,9 +143,10 @@ class ModelConfig:
         return cls(**cfg)
 
     def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        family = self.family
         hf = {
-            "architectures": ["Qwen2ForCausalLM" if self.architecture == "qwen2" else "LlamaForCausalLM"],
-            "model_type": self.architecture,
+            "architectures": [family.hf_architecture],
+            "model_type": family.name,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -161,13 +161,12 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "torch_dtype": torch_dtype,
             "dtype": torch_dtype,
+            **dict(family.hf_fields),
         }
-        if self.architecture == "llama":
-            hf.update(attention_bias=self.qkv_bias, mlp_bias=False)
-        else:
-            if not self.qkv_bias:
-                raise ValueError("a qwen2 model always has qkv bias; use architecture='llama' for none")
-            hf.update(use_sliding_window=False)
+        if not family.qkv_bias_only:
+            hf["attention_bias"] = self.qkv_bias
+        elif not self.qkv_bias:
+            raise ValueError(f"a {family.name} model always has q/k/v bias; use architecture='llama' for none")
         if self.bos_token_id is not None:
             hf["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -196,6 +195,15 @@ def _qwen25(hidden, inter, layers, heads, kv, tie, vocab=151936):
                        bos_token_id=151643, eos_token_id=151645)
 
 
+def _qwen3(hidden, inter, layers, heads, kv):
+    # The published Qwen/Qwen3-{0.6B,1.7B,4B}/config.json (huggingface.co/Qwen/Qwen3-0.6B/raw/main/config.json):
+    # head_dim 128 in every size (0.6B, 4B: not hidden / heads), no attention bias, tied embeddings up to 4B.
+    return ModelConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       qkv_bias=False, tie_word_embeddings=True, max_position_embeddings=40960,
+                       architecture="qwen3", bos_token_id=151643, eos_token_id=151645)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, True),
     "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True),
@@ -206,7 +214,10 @@ PRESETS: dict[str, ModelConfig] = {
                                 rms_norm_eps=1e-5, qkv_bias=False, tie_word_embeddings=True,
                                 max_position_embeddings=8192, architecture="llama",
                                 bos_token_id=1, eos_token_id=2),
-    # Tiny sizes for tests: both families, tied and untied.
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, 8),
+    # Tiny sizes for tests: every family, tied and untied.
     "tiny-qwen2": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=16, rope_theta=10000.0, qkv_bias=True,
                               tie_word_embeddings=True, max_position_embeddings=256, architecture="qwen2"),
@@ -214,4 +225,8 @@ PRESETS: dict[str, ModelConfig] = {
                               num_kv_heads=1, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
                               qkv_bias=False, tie_word_embeddings=False, max_position_embeddings=256,
                               architecture="llama"),
+    # head_dim 32 != hidden_size / num_heads = 16, as in the real Qwen3 sizes
+    "tiny-qwen3": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=32, rope_theta=10000.0, qkv_bias=False,
+                              tie_word_embeddings=True, max_position_embeddings=256, architecture="qwen3"),
 }

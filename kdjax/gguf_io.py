@@ -9,21 +9,21 @@ What llama.cpp changed on the way in is undone as transformers' own GGUF loader 
 (transformers/modeling_gguf_pytorch_utils.py), and tests/test_gguf.py checks bit for bit:
 - Quantized tensors (Q4_1, Q8_0, K-quants, IQ-quants, ...) are dequantized with the `gguf`
   package, one tensor at a time: the tensors come as a lazy iterator, never all at once.
-- For the `llama` architecture, llama.cpp's converter permutes the rows of Q and K (weight and
-  bias) from HF's rotary layout (each head: first half, second half) to GGML's interleaved one
-  (pairs). `_undo_rope_permutation` inverts it. Qwen2 uses GGML's NEOX rope, the HF layout, so
-  its Q and K are stored as they are.
+- For the `llama` architecture (`Family.rope_permuted`), llama.cpp's converter permutes the rows
+  of Q and K (weight and bias) from HF's rotary layout (each head: first half, second half) to
+  GGML's interleaved one (pairs). `_undo_rope_permutation` inverts it. Qwen2 and Qwen3 use GGML's
+  NEOX rope, the HF layout, so their Q and K are stored as they are.
 The header is parsed here (`_parse`, ~0.2 s for SmolLM2) rather than with gguf.GGUFReader, which
 takes seconds on the 100k strings of a vocabulary; tensor data stay memory-mapped.
 
-Only the dense decoders kdjax models are read (`SUPPORTED_ARCHS`); anything else, a tensor whose
-shape disagrees with the metadata, a missing or unexpected tensor, or a truncated file is a
-`GGUFError` that names the file and the tensor or key.
+The GGUF name and shape of each tensor are the `gguf` and `shape` columns of the family's tensor
+table (kdjax/families.py). Only the families kdjax models are read (`SUPPORTED_ARCHS`); anything
+else, a tensor whose shape disagrees with the metadata, a missing or unexpected tensor, or a
+truncated file is a `GGUFError` that names the file and the tensor or key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import mmap
@@ -32,6 +32,8 @@ import tempfile
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
+
+from kdjax.families import FAMILIES, Family, dims
 
 # GGUF presets that ship inside pip packages: name -> (pip package, import name, file name).
 PRESETS = {
@@ -43,43 +45,8 @@ class GGUFError(ValueError):
     """A GGUF file that kdjax cannot read as a checkpoint; the message names file and tensor/key."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-    architectures: tuple[str, ...]  # HF config `architectures`
-    qkv_bias: bool  # q/k/v projections carry a bias
-    rope_permuted: bool  # llama.cpp permuted Q/K rows for GGML's interleaved rope
-    extra_config: tuple[tuple[str, Any], ...] = ()  # further HF config.json fields
-
-
-# GGUF `general.architecture` -> how to read it. HF `model_type` is the same string for both.
-SUPPORTED_ARCHS = {
-    "llama": _Arch(("LlamaForCausalLM",), qkv_bias=False, rope_permuted=True,
-                   extra_config=(("attention_bias", False), ("mlp_bias", False))),
-    "qwen2": _Arch(("Qwen2ForCausalLM",), qkv_bias=True, rope_permuted=False,
-                   extra_config=(("use_sliding_window", False),)),
-}
-
-# The key table: GGUF name -> (HF name, HF shape in named dims, heads of the rope permutation).
-# Dims: vocab, hidden, q = heads*head_dim, kv = kv_heads*head_dim, ffn.
-_EMBED = ("token_embd.weight", "model.embed_tokens.weight", ("vocab", "hidden"), None)
-_NORM = ("output_norm.weight", "model.norm.weight", ("hidden",), None)
-_LM_HEAD = ("output.weight", "lm_head.weight", ("vocab", "hidden"), None)  # absent when tied
-_LAYER_TENSORS = (
-    ("attn_norm.weight", "input_layernorm.weight", ("hidden",), None),
-    ("attn_q.weight", "self_attn.q_proj.weight", ("q", "hidden"), "heads"),
-    ("attn_k.weight", "self_attn.k_proj.weight", ("kv", "hidden"), "kv_heads"),
-    ("attn_v.weight", "self_attn.v_proj.weight", ("kv", "hidden"), None),
-    ("attn_output.weight", "self_attn.o_proj.weight", ("hidden", "q"), None),
-    ("ffn_norm.weight", "post_attention_layernorm.weight", ("hidden",), None),
-    ("ffn_gate.weight", "mlp.gate_proj.weight", ("ffn", "hidden"), None),
-    ("ffn_up.weight", "mlp.up_proj.weight", ("ffn", "hidden"), None),
-    ("ffn_down.weight", "mlp.down_proj.weight", ("hidden", "ffn"), None),
-)
-_QKV_BIAS_TENSORS = (
-    ("attn_q.bias", "self_attn.q_proj.bias", ("q",), "heads"),
-    ("attn_k.bias", "self_attn.k_proj.bias", ("kv",), "kv_heads"),
-    ("attn_v.bias", "self_attn.v_proj.bias", ("kv",), None),
-)
+# GGUF `general.architecture` = HF `model_type` = kdjax family name; every family reads the same way.
+SUPPORTED_ARCHS = FAMILIES
 
 
 def preset_path(name: str) -> str:
@@ -129,10 +96,10 @@ def read_gguf(path: str, *, with_tokenizer: bool = True):
     arch_name = _get(meta, path, "general.architecture", kind=str)
     if arch_name not in SUPPORTED_ARCHS:
         raise GGUFError(f"{path}: GGUF architecture {arch_name!r} is not supported; "
-                        f"supported: {', '.join(SUPPORTED_ARCHS)}")
-    arch = SUPPORTED_ARCHS[arch_name]
-    config = _hf_config(meta, path, arch_name, arch, file_tensors)
-    plan = _plan(path, config, arch, file_tensors)
+                        f"supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
+    family = SUPPORTED_ARCHS[arch_name]
+    config = _hf_config(meta, path, family, file_tensors)
+    plan = _plan(path, config, family, file_tensors)
     tokenizer = _tokenizer(path) if with_tokenizer else None
     return config, _dequantized(path, plan), tokenizer
 
@@ -262,8 +229,10 @@ def _get(meta: dict, path: str, key: str, default: Any = ..., kind: type | None 
     return value
 
 
-def _hf_config(metadata: dict, path: str, arch_name: str, arch: _Arch, file_tensors: dict) -> dict:
+def _hf_config(metadata: dict, path: str, family: Family, file_tensors: dict) -> dict:
     """The transformers config.json dict that the metadata describes."""
+    arch_name = family.name
+
     def meta(key, default=..., kind=int):
         return _get(metadata, path, f"{arch_name}.{key}", default, kind)
 
@@ -289,7 +258,7 @@ def _hf_config(metadata: dict, path: str, arch_name: str, arch: _Arch, file_tens
     if vocab is None:  # no vocabulary in the metadata: the embedding's rows are the vocabulary
         vocab = file_tensors["token_embd.weight"].shape[0] if "token_embd.weight" in file_tensors else 0
     config = {
-        "architectures": list(arch.architectures),
+        "architectures": [family.hf_architecture],
         "model_type": arch_name,
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -303,8 +272,10 @@ def _hf_config(metadata: dict, path: str, arch_name: str, arch: _Arch, file_tens
         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", kind=float),
         "rope_theta": meta("rope.freq_base", 10000.0, kind=float),  # llama.cpp's default
         "tie_word_embeddings": "output.weight" not in file_tensors,
-        **dict(arch.extra_config),
+        **dict(family.hf_fields),
     }
+    if not family.qkv_bias_only:
+        config["attention_bias"] = False  # llama.cpp's files of these families carry no attention bias
     for name in ("bos", "eos", "pad"):
         token_id = _get(metadata, path, f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id",
                         None, int)
@@ -313,21 +284,22 @@ def _hf_config(metadata: dict, path: str, arch_name: str, arch: _Arch, file_tens
     return config
 
 
-def _plan(path: str, config: dict, arch: _Arch, file_tensors: dict) -> list:
+def _plan(path: str, config: dict, family: Family, file_tensors: dict) -> list:
     """`[(hf_name, gguf tensor, rope heads or None)]` in HF order, checked against the metadata."""
     c = config
-    dims = {"vocab": c["vocab_size"], "hidden": c["hidden_size"], "ffn": c["intermediate_size"],
-            "q": c["num_attention_heads"] * c["head_dim"], "kv": c["num_key_value_heads"] * c["head_dim"]}
+    size = dims(vocab=c["vocab_size"], hidden=c["hidden_size"], ffn=c["intermediate_size"],
+                heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"])
     why = {"vocab": "vocab_size", "hidden": "embedding_length", "ffn": "feed_forward_length",
            "q": f"head_count*head_dim = {c['num_attention_heads']}*{c['head_dim']}",
-           "kv": f"head_count_kv*head_dim = {c['num_key_value_heads']}*{c['head_dim']}"}
+           "kv": f"head_count_kv*head_dim = {c['num_key_value_heads']}*{c['head_dim']}",
+           "head_dim": "attention.key_length"}
     heads = {"heads": c["num_attention_heads"], "kv_heads": c["num_key_value_heads"]}
+    bias = family.qkv_bias_only or c["attention_bias"]
 
-    per_layer = _LAYER_TENSORS + (_QKV_BIAS_TENSORS if arch.qkv_bias else ())
-    table = [_EMBED]
-    for i in range(c["num_hidden_layers"]):
-        table += [(f"blk.{i}.{g}", f"model.layers.{i}.{h}", shape, rope) for g, h, shape, rope in per_layer]
-    table += [_NORM] + ([] if c["tie_word_embeddings"] else [_LM_HEAD])
+    table = []  # (gguf name, hf name, Tensor)
+    for t in family.tensors(bias=bias, tied=c["tie_word_embeddings"]):
+        layers = range(c["num_hidden_layers"]) if "{i}" in t.gguf else [None]
+        table += [(t.gguf.format(i=i), t.hf.format(i=i), t) for i in layers]
 
     missing = [g for g, *_ in table if g not in file_tensors]
     if missing:
@@ -337,18 +309,18 @@ def _plan(path: str, config: dict, arch: _Arch, file_tensors: dict) -> list:
     unexpected = sorted(set(file_tensors) - {g for g, *_ in table})
     if unexpected:
         raise GGUFError(f"{path}: unexpected tensor(s) for {c['model_type']} with "
-                        f"{c['num_hidden_layers']} layers (qkv bias: {arch.qkv_bias}): "
+                        f"{c['num_hidden_layers']} layers (qkv bias: {bias}): "
                         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     plan = []
-    for gguf_name, hf_name, shape_dims, rope in table:
+    for gguf_name, hf_name, t in table:
         tensor = file_tensors[gguf_name]
         actual = tensor.shape
-        expected = tuple(dims[d] for d in shape_dims)
+        expected = tuple(size[d] for d in t.shape)
         if actual != expected:
-            formula = ", ".join(f"{d} = {why[d]} = {dims[d]}" for d in dict.fromkeys(shape_dims))
+            formula = ", ".join(f"{d} = {why[d]} = {size[d]}" for d in dict.fromkeys(t.shape))
             raise GGUFError(f"{path}: tensor {gguf_name!r} ({hf_name}) has shape {list(actual)} "
                             f"([out, in]) but the metadata says {list(expected)} ({formula})")
-        plan.append((hf_name, tensor, heads[rope] if rope and arch.rope_permuted else None))
+        plan.append((hf_name, tensor, heads[t.rope] if t.rope and family.rope_permuted else None))
     return plan
 
 

@@ -1,8 +1,10 @@
-"""The Qwen2 family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+"""The decoder of every kdjax family in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
 
-One module covers Qwen2 / Qwen2.5 (qkv bias) and Llama-style SmolLM2 (no bias). Attribute names
-mirror transformers' so the checkpoint table in `checkpoint.py` is a plain rename + transpose.
-Kernels are stored `[in, out]`; every parameter carries logical `axes` for `sharding.py`.
+`CausalLM` covers Qwen2 / Qwen2.5 (q/k/v bias), Llama-style SmolLM2 (optional bias on q/k/v/o)
+and Qwen3 (RMSNorm on each q and k head); the family record (`cfg.family`, kdjax/families.py)
+switches those optional pieces on. Attribute names mirror transformers' so the tensor table in
+`families.py` is a plain rename + transpose. Kernels are stored `[in, out]`; every parameter
+carries logical `axes` for `sharding.py`.
 
 Decoding uses a slot KV cache (`init_cache`): every row writes its step `t` into slot `t`, keys
 are masked by `cache["valid"]`, and RoPE uses per-row positions, so left-padded batches of
@@ -98,13 +100,16 @@ def attend(q, k, v, mask, impl: str = "xla"):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, hd = cfg.hidden_size, cfg.head_dim
+        d, hd, family = cfg.hidden_size, cfg.head_dim, cfg.family
         self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v bias only.
-        o_bias = cfg.qkv_bias and cfg.architecture == "llama"
+        # Llama's and Qwen3's attention_bias covers o_proj too; Qwen2 has q/k/v bias only.
+        o_bias = cfg.qkv_bias and not family.qkv_bias_only
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=o_bias, cfg=cfg, rngs=rngs)
+        # Qwen3: one RMSNorm over head_dim, shared by all heads, on q and on k before RoPE.
+        self.q_norm = RMSNorm(hd, cfg) if family.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg) if family.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.theta = cfg.rope_theta
         self.impl = cfg.attention
@@ -113,8 +118,11 @@ class Attention(nnx.Module):
         """x: [B, T, D]. Without a cache `mask` is [B, T, T]; with one, `kv` = (k, v) [B, S, KVH, hd],
         the new keys go to slots index..index+T and `mask` is [B, T, S]."""
         b, t, _ = x.shape
-        q = rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, self.theta)
-        k = rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, self.theta)
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if kv is not None:
             ck, cv = kv
@@ -162,8 +170,8 @@ def _layer_call(layer, x, positions, mask, kv, index):
     return layer(x, positions, mask, kv, index)
 
 
-class Qwen2(nnx.Module):
-    """Decoder-only LM. `model(ids)` -> logits [B, T, V]; with `cache=` -> (logits, cache)."""
+class CausalLM(nnx.Module):
+    """Decoder-only LM of any kdjax family. `model(ids)` -> logits [B, T, V]; with `cache=` -> (logits, cache)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
         rngs = rngs or nnx.Rngs(seed)
@@ -256,3 +264,6 @@ class Qwen2(nnx.Module):
         kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
         return dict(kv=kv, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                     next_pos=jnp.zeros((batch,), jnp.int32))
+
+
+Qwen2 = CausalLM  # the name kdjax had before it had other families; kept for code that imports it

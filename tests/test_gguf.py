@@ -132,9 +132,10 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def hf_weights(arch, tie, seed=0, **overrides):
-    """Random HF state dict of a tiny transformers model of `arch` ("llama" or "qwen2")."""
+    """Random HF state dict of a tiny transformers model of `arch` ("llama", "qwen2" or "qwen3")."""
     kw = dict(TINY, **overrides, tie_word_embeddings=tie)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[arch]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cls(**kw))
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -169,6 +170,9 @@ def write_gguf(path, arch, cfg, sd, qtype=Q.F32, drop=(), extra=(), meta=None):
     w.add_rope_freq_base(meta["rope_theta"])
     w.add_layer_norm_rms_eps(meta["rms_norm_eps"])
     w.add_vocab_size(meta["vocab_size"])
+    if meta["head_dim"] != meta["hidden_size"] // meta["num_attention_heads"]:  # as llama.cpp's Qwen3 converter
+        w.add_key_length(meta["head_dim"])
+        w.add_value_length(meta["head_dim"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for hf_name, t in list(sd.items()) + list(extra):
@@ -238,17 +242,20 @@ def test_parser_agrees_with_gguf_reader(tmp_path):
         assert ours.data.dtype == np.uint8 and ours.data.tobytes() == np.asarray(t.data).tobytes(), t.name
 
 
-@pytest.mark.parametrize("arch, tie", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+@pytest.mark.parametrize("arch, tie", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False),
+                                       ("qwen3", True), ("qwen3", False)])
 def test_small_file_gives_back_the_weights_and_matches_transformers(tmp_path, arch, tie):
-    cfg, sd = hf_weights(arch, tie)
+    # transformers' GGUF loader reads no attention.key_length: its Qwen3 takes Qwen3Config's default
+    # head_dim, 128 (every published Qwen3 has it), so the file must have that too
+    cfg, sd = hf_weights(arch, tie, **({"head_dim": 128} if arch == "qwen3" else {}))
     path = write_gguf(tmp_path / "m.gguf", arch, cfg, sd)
     config, tensors, tokenizer = read_gguf(path, with_tokenizer=False)
     ours = dict(tensors)
     assert tokenizer is None and set(ours) == set(sd)
     for name, w in sd.items():
         np.testing.assert_array_equal(ours[name], w, err_msg=name)  # exact: F32, permutation undone
-    for key, value in TINY.items():
-        assert config[key] == value, key
+    for key in TINY:
+        assert config[key] == cfg[key], key
     assert config["tie_word_embeddings"] is tie and config["model_type"] == arch
     assert any(".bias" in k for k in ours) is (arch == "qwen2")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
@@ -256,6 +263,26 @@ def test_small_file_gives_back_the_weights_and_matches_transformers(tmp_path, ar
         if tie and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         np.testing.assert_array_equal(ours[name], w.numpy(), err_msg=name)
+
+
+def test_qwen3_with_its_own_head_dim_loads_as_transformers_model(tmp_path):
+    """head_dim (attention.key_length) independent of hidden_size / heads, as in Qwen3-0.6B: the
+    kdjax model read from the GGUF gives the logits of transformers' Qwen3ForCausalLM holding the
+    weights the file was written from."""
+    import jax.numpy as jnp
+    from kdjax.checkpoint import model_from_hf_tensors
+    from kdjax.config import ModelConfig
+    cfg, sd = hf_weights("qwen3", tie=False, head_dim=16)
+    path = write_gguf(tmp_path / "q3.gguf", "qwen3", cfg, sd)
+    config, tensors, _ = read_gguf(path, with_tokenizer=False)  # what kdjax.load does, less the tokenizer
+    assert config["head_dim"] == 16 and config["model_type"] == "qwen3" and not config["attention_bias"]
+    model = model_from_hf_tensors(ModelConfig.from_hf(config, source=path), tensors, source=path)
+    ref = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**cfg)).float().eval()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    ids = np.random.default_rng().integers(0, cfg["vocab_size"], (2, 9))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), want, atol=1e-4)
 
 
 def _dequantizable():

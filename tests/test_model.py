@@ -1,4 +1,5 @@
-"""The Flax Qwen2 port against transformers in PyTorch (fp32), decoding, and checkpoint round trips."""
+"""The Flax decoder of every family (Qwen2, Llama, Qwen3) against transformers in PyTorch (fp32),
+decoding, and checkpoint round trips."""
 import json
 import os
 
@@ -12,7 +13,7 @@ from flax import nnx
 
 import kdjax
 from kdjax import checkpoint
-from kdjax.config import REMAT_POLICIES, ModelConfig
+from kdjax.config import PRESETS, REMAT_POLICIES, ModelConfig
 from kdjax.generate import generate
 
 CONFIGS = {
@@ -20,6 +21,9 @@ CONFIGS = {
     "qwen2-untied": ModelConfig.preset("tiny-qwen2", tie_word_embeddings=False),
     "llama-untied-nobias": ModelConfig.preset("tiny-llama"),
     "llama-tied-bias": ModelConfig.preset("tiny-llama", tie_word_embeddings=True, qkv_bias=True, num_kv_heads=4),
+    "qwen3-tied": ModelConfig.preset("tiny-qwen3"),  # head_dim 32 != hidden / heads = 16
+    "qwen3-untied-bias": ModelConfig.preset("tiny-qwen3", tie_word_embeddings=False, qkv_bias=True, num_kv_heads=1,
+                                            head_dim=8),
 }
 
 
@@ -202,6 +206,26 @@ def test_remat_gives_same_gradients(policy):
 
 def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_has_the_tensors_of_its_transformers_model(name):
+    """Each preset's config.json builds a transformers model (on the meta device: no memory) whose
+    state dict is the family table's HF names and shapes of kdjax's parameters, and whose parameter
+    count is num_params()."""
+    cfg = ModelConfig.preset(name)
+    with torch.device("meta"):
+        tm = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf()))
+    assert type(tm).__name__ == cfg.family.hf_architecture
+    want = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del want["lm_head.weight"]  # the embedding, shared
+    got = {}
+    for path, var in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: kdjax.CausalLM(cfg)))):
+        hf_name, transpose = cfg.family.hf_name(".".join(map(str, path)))
+        got[hf_name] = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+    assert got == want
+    assert cfg.num_params() == sum(p.numel() for p in tm.parameters())
 
 
 # ---- bad input --------------------------------------------------------------------------------

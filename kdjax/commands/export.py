@@ -10,20 +10,20 @@ second quantization; the float tensors are written in --float_dtype). From a flo
 """
 from absl import app, flags
 
-from kdjax.commands import quantize as _quantize
+from kdjax.commands import quantizing
 
 flags.DEFINE_enum("format", None, ["hf", "gptq"], "hf = bf16 safetensors; gptq = int4 GPTQ v1 checkpoint",
                   required=True)
 FLAGS = flags.FLAGS
-FLAG_MODULES = (_quantize,)  # --model, --out, and the quantization flags
+FLAG_MODULES = (quantizing,)  # --model, --out, and the quantization flags
 
 
 def read_gptq_model(path: str):
     """A GPTQ directory -> (float model holding the dequantized weights, QuantizedModel, tokenizer)."""
-    from kdjax.checkpoint import _tokenizer_from_dir, model_from_hf_tensors
+    from kdjax.checkpoint import model_from_hf_tensors, tokenizer_from_dir
     from kdjax.quant import read_gptq
     cfg, qm, tensors = read_gptq(path)
-    return model_from_hf_tensors(cfg, tensors, source=path), qm, _tokenizer_from_dir(path)
+    return model_from_hf_tensors(cfg, tensors, source=path), qm, tokenizer_from_dir(path)
 
 
 def main(argv):
@@ -31,9 +31,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     import kdjax
     from kdjax.quant import save_gptq
-    quantized = _quantize.is_gptq_dir(FLAGS.model)
-    if FLAGS.format == "gptq" and not quantized:
-        _quantize.check_flags()
+    from kdjax.quant.export_gptq import is_gptq_dir
+    quantized = is_gptq_dir(FLAGS.model)
+    opts = quantizing.options() if FLAGS.format == "gptq" and not quantized else None
     if quantized:
         model, qm, tokenizer = read_gptq_model(FLAGS.model)
     else:
@@ -48,4 +48,4 @@ def main(argv):
         print(f"wrote {FLAGS.out} (gptq, re-packed from {FLAGS.model}: {qm.bits} bits, group {qm.group_size}, "
               f"{len(qm.linears)} linears)")
     else:
-        _quantize.run(model, tokenizer)
+        quantizing.run(model, tokenizer, opts)

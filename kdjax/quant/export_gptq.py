@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from kdjax.families import family_of_hf_config
 from kdjax.quant.grid import pack, unpack
 from kdjax.quant.quantize import QuantizedModel
 
@@ -41,11 +42,6 @@ def gptq_quantization_config(qm: QuantizedModel) -> dict:
     }
 
 
-def hf_module_name(path: str) -> str:
-    """kdjax linear path "layers.3.mlp.down_proj" -> HF module "model.layers.3.mlp.down_proj"."""
-    return "model." + path
-
-
 def _np_dtype(dtype: str):
     if dtype == "bfloat16":
         import ml_dtypes
@@ -66,7 +62,9 @@ def export_gptq(dst: str, tensors: Iterable[tuple[str, np.ndarray]], qm: Quantiz
     from kdjax.checkpoint import write_safetensors
 
     np_dtype = _np_dtype(dtype)
-    quantized = {hf_module_name(p) + ".weight" for p in qm.linears}
+    family = family_of_hf_config(hf_config, "export_gptq: hf_config")
+    modules = {p: family.hf_module(p) for p in qm.linears}  # kdjax linear path -> HF module name
+    quantized = {m + ".weight" for m in modules.values()}
     kept, seen = [], set()
     for name, arr in tensors:
         seen.add(name)
@@ -79,7 +77,7 @@ def export_gptq(dst: str, tensors: Iterable[tuple[str, np.ndarray]], qm: Quantiz
     packed = []
     for path, q in qm.linears.items():
         for suffix, arr in pack(q).items():
-            packed.append((f"{hf_module_name(path)}.{suffix}", arr))
+            packed.append((f"{modules[path]}.{suffix}", arr))
     everything = kept + packed
     shapes = {name: (arr.shape, arr.dtype) for name, arr in everything}
     os.makedirs(dst, exist_ok=True)
@@ -104,6 +102,16 @@ def save_gptq(model, qm: QuantizedModel, dst: str, *, tokenizer=None, dtype: str
 
 
 _PACKED = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def is_gptq_dir(path: str) -> bool:
+    """True when `path` is a directory whose config.json says quant_method "gptq"."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "gptq"
 
 
 def read_gptq(path: str):
@@ -133,13 +141,15 @@ def read_gptq(path: str):
                 packed.setdefault(name[: -len(suffix)], {})[suffix[1:]] = np.asarray(arr)
     linears = {}
     for module, t in packed.items():
-        if set(t) != {s[1:] for s in _PACKED} or not module.startswith("model."):
-            raise ValueError(f"{path}: GPTQ module {module!r} has tensors {sorted(t)}; expected {list(_PACKED)}")
-        linears[module[len("model."):]] = unpack(t, bits=bits, group_size=gs, sym=sym)
+        linear = cfg.family.linear_of_hf_module(module)
+        if set(t) != {s[1:] for s in _PACKED} or linear is None:
+            raise ValueError(f"{path}: GPTQ module {module!r} has tensors {sorted(t)}; expected {list(_PACKED)} "
+                             f"of a linear of a {cfg.architecture} model")
+        linears[linear] = unpack(t, bits=bits, group_size=gs, sym=sym)
     qm = QuantizedModel(linears, qc.get("meta", {}).get("kdjax_method", "gptq"), bits, gs, sym,
                         bool(qc.get("desc_act", False)), bool(qc.get("static_groups", False)),
                         float(qc.get("damp_percent", 0.01)))
-    deq = [(hf_module_name(p) + ".weight", q.dequantize().T) for p, q in linears.items()]
+    deq = [(cfg.family.hf_module(p) + ".weight", q.dequantize().T) for p, q in linears.items()]
     return cfg, qm, plain + deq
 
 

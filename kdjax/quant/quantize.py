@@ -2,7 +2,8 @@
 
 Sequential GPTQ (as AutoGPTQ / gptqmodel with true_sequential): calibration hidden states go
 through the decoder one layer at a time. Inside a layer the linears are quantized in call order,
-in four sets that share an input: (q, k, v), (o), (gate, up), (down). Each set's Hessian comes
+in the sets that share an input, as the model's family lists them (`Family.linear_sets`,
+kdjax/families.py): (q, k, v), (o), (gate, up), (down). Each set's Hessian comes
 from running the layer on its input with the earlier sets already quantized (their kernels
 swapped for the dequantized int4 weights); the layer's output, fully quantized, is the next
 layer's input. Embeddings, norms and the output head stay as they are.
@@ -21,18 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.families import DECODER_LINEAR_SETS
 from kdjax.quant.grid import QuantizedLinear, check_bits, rtn
 from kdjax.quant.gptq import gptq_layer, hessian_finalize, hessian_init, hessian_update
 
 log = logging.getLogger(__name__)
 
-# Linears of a decoder layer in call order, in sets that see the same input.
-LINEAR_SETS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    ("self_attn", ("o_proj",)),
-    ("mlp", ("gate_proj", "up_proj")),
-    ("mlp", ("down_proj",)),
-)
 METHODS = ("rtn", "gptq")
 
 
@@ -60,8 +55,14 @@ class QuantizedModel:
         return total
 
 
-def linear_paths(num_layers: int) -> list[str]:
-    return [f"layers.{i}.{mod}.{name}" for i in range(num_layers) for mod, names in LINEAR_SETS for name in names]
+def linear_paths(num_layers: int, linear_sets=DECODER_LINEAR_SETS) -> list[str]:
+    """kdjax paths ("layers.3.mlp.down_proj") of the quantized linears of `num_layers` layers."""
+    return [f"layers.{i}.{mod}.{name}" for i in range(num_layers) for mod, names in linear_sets for name in names]
+
+
+def model_linear_paths(model) -> list[str]:
+    """The paths of every linear that quantization touches in `model` (its family's linear sets)."""
+    return linear_paths(len(model.layers), model.config.family.linear_sets)
 
 
 def get_linear(model, path: str):
@@ -69,17 +70,18 @@ def get_linear(model, path: str):
     return getattr(getattr(model.layers[int(i)], mod), name)
 
 
-def _check_group_size(model, paths, group_size):
-    """GPTQ's GPU kernels (and torch's CPU int4 matmul) need groups that tile every input dim."""
+def check_group_size(model, group_size: int, option: str = "group_size"):
+    """Raises ValueError unless `group_size` (-1 = one group) tiles the input dim of every linear
+    quantization touches, as GPTQ's GPU kernels (and torch's CPU int4 matmul) need. The message
+    calls the setting `option` (a command passes its flag, "--group_size") and names a size that fits."""
     if group_size == -1:
         return
-    dims = sorted({int(get_linear(model, p).kernel.shape[0]) for p in paths})
+    dims = sorted({int(get_linear(model, p).kernel.shape[0]) for p in model_linear_paths(model)})
     bad = [d for d in dims if d % group_size]
     if bad:
         ok = next((g for g in (128, 64, 32, 16) if g <= group_size and all(d % g == 0 for d in dims)), -1)
-        raise ValueError(f"quantize_model: group_size={group_size} does not divide the input size {bad[0]} of "
-                         f"this model's linears (inputs {dims}); GPTQ kernels need whole groups: use "
-                         f"group_size={ok}")
+        raise ValueError(f"{option}={group_size} does not divide the input size {bad[0]} of this model's linears "
+                         f"(inputs {dims}); GPTQ kernels need whole groups: use {option}={ok}")
 
 
 class _Captured(Exception):
@@ -127,7 +129,7 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
                    sym: bool = True, desc_act: bool = False, static_groups: bool = False,
                    percdamp: float = 0.01, blocksize: int = 128, attention_mask=None,
                    batch_size: int = 8) -> QuantizedModel:
-    """Quantizes q/k/v/o/gate/up/down of every decoder layer of `model` (a kdjax Qwen2).
+    """Quantizes q/k/v/o/gate/up/down of every decoder layer of `model` (a kdjax CausalLM).
 
     calib_input_ids: [N, T] int token ids (GPTQ only; padding marked 0 in attention_mask [N, T]
     is left out of the Hessians). Runs calibration `batch_size` rows at a time.
@@ -136,8 +138,8 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
         raise ValueError(f"quantize_model: method={method!r}; expected one of {METHODS}")
     check_bits(bits)
     t0 = time.time()
-    paths = linear_paths(len(model.layers))
-    _check_group_size(model, paths, group_size)
+    paths = model_linear_paths(model)
+    check_group_size(model, group_size)
     kw = dict(bits=bits, group_size=group_size, sym=sym)
     if method == "rtn":
         linears = {p: rtn(get_linear(model, p).kernel[...], **kw) for p in paths}
@@ -157,7 +159,7 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
     linears, originals = {}, {}
     try:
         for i, layer in enumerate(model.layers):
-            for mod, names in LINEAR_SETS:
+            for mod, names in model.config.family.linear_sets:
                 first = getattr(getattr(layer, mod), names[0])
                 state = hessian_init(first.kernel.shape[0])
                 graphdef, params = nnx.split(layer)
