@@ -238,7 +238,7 @@ def load_tokenizer(src: str):
         from kdjax import gguf_io
         return gguf_io.read_gguf(src)[2]
     if os.path.isdir(src):
-        return _tokenizer_from_dir(src)
+        return tokenizer_from_dir(src)
     raise FileNotFoundError(f"{src}: not a model directory, .gguf file or preset name")
 
 
