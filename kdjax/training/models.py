@@ -8,7 +8,7 @@ from flax import nnx
 
 from kdjax.checkpoint import load
 from kdjax.errors import ConfigError
-from kdjax.model import Qwen2
+from kdjax.model import CausalLM
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -37,12 +37,12 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
-def student_from_teacher(teacher: Qwen2, layers: list[int], **config) -> Qwen2:
+def student_from_teacher(teacher: CausalLM, layers: list[int], **config) -> CausalLM:
     """A student made of the given teacher layers (DistilBERT style): embeddings, norm, head and
     the chosen decoder layers are copied. `config`: ModelConfig fields that differ from the
     teacher's (param_dtype: the student's master weights when the teacher is kept in bf16)."""
     cfg = teacher.config.replace(num_layers=len(layers), **config)
-    student = nnx.eval_shape(lambda: Qwen2(cfg))
+    student = nnx.eval_shape(lambda: CausalLM(cfg))
     graphdef, state = nnx.split(student)
     src = nnx.to_pure_dict(nnx.state(teacher))
     dst = dict(src)
