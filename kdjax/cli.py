@@ -120,6 +120,8 @@ def _user_error(e: BaseException) -> str | None:
     from kdjax.errors import UserError
     if isinstance(e, (UserError, app.UsageError)):
         return str(e)
+    if isinstance(e, (FileNotFoundError, PermissionError)) and e.errno is None:
+        return str(e)  # raised by kdjax with its own message
     if isinstance(e, OSError) and e.errno is not None:
         cause = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied",
                  errno.EROFS: "the file system is read-only", errno.EDQUOT: "the disk quota is exceeded"}

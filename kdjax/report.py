@@ -33,8 +33,28 @@ def _fmt(value, std=None, digits=2) -> str:
     return f"{text} ± {std:.{digits}f}" if std else text
 
 
+def comparison(kd: Mapping[str, Any], sft: Mapping[str, Any]) -> dict:
+    """KD against the number it must beat, the same student fine-tuned on the data alone:
+    differences (KD - SFT) of Rouge-L, its Unicode variant and the validation loss, whether KD
+    wins on both Rouge-L and loss, and a sentence that says so plainly."""
+    d = {k: float(kd[k]) - float(sft[k]) for k in ("rougeL", "rougeL_unicode", "loss") if k in kd and k in sft}
+    wins = d.get("rougeL", 0.0) > 0 and d.get("loss", 0.0) < 0
+    gap = f"Rouge-L {d.get('rougeL', 0):+.2f} (unicode {d.get('rougeL_unicode', 0):+.2f}), val loss {d.get('loss', 0):+.4f}"
+    d.update(kd_wins=wins, text=(f"KD beats plain fine-tuning of the same student: {gap}." if wins else
+                                 f"KD does NOT beat plain fine-tuning of the same student: {gap} (KD - SFT)."))
+    return d
+
+
+def stages_table(stages: Mapping[str, Mapping[str, Any]]) -> str:
+    """The budget of each stage of a run: steps, rows, wall time."""
+    lines = ["| stage | steps | rows | wall time |", "|---|---|---|---|"]
+    for name, s in stages.items():
+        lines.append(f"| {name} | {s['steps']} | {s['rows']} | {s['seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
 def table(results: Mapping[str, Mapping[str, Any]], *, teacher: str | None = "teacher",
-           out_dir: str | None = None) -> str:
+          out_dir: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
     """A markdown table of evaluation results, one row per model, in the given order.
 
     results: model name -> a dict with any of "rougeL", "rougeL_std", "rougeL_unicode",
@@ -60,12 +80,18 @@ def table(results: Mapping[str, Mapping[str, Any]], *, teacher: str | None = "te
                  _fmt(None if r["retention_unicode"] is None else 100 * r["retention_unicode"], digits=1)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
+    extra = dict(extra or {})
+    if "kd_vs_sft" in extra:
+        table += f"\n{extra['kd_vs_sft']['text']}\n"
+    if "stages" in extra:
+        table += "\n" + stages_table(extra["stages"])
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
             f.write(table)
         with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-            json.dump({"teacher": teacher, "results": results}, f, indent=2, ensure_ascii=False, default=_json_default)
+            json.dump({"teacher": teacher, "results": results, **extra}, f, indent=2, ensure_ascii=False,
+                      default=_json_default)
     return table
 
 

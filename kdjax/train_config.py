@@ -80,6 +80,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.check_finite = True  # stop at the first inf/NaN loss, gradient or weight (keeps the last good checkpoint)
 
+    # The paper's recipe (kdjax distill / gkd / minillm): the teacher is first fine-tuned on the data
+    # (teacher_sft.steps > 0), and the same student fine-tuned on the data alone is trained beside
+    # the KD student (baseline) so the report shows the number KD must beat.
+    c.teacher_sft = ml_collections.ConfigDict()
+    c.teacher_sft.steps = 0  # 0 = distil from the teacher as it is
+    c.teacher_sft.lr = 5e-4
+    c.baseline = True  # train and report the SFT baseline (same student, rows, steps, lr; no teacher)
+
     c.kd = ml_collections.ConfigDict()
     c.kd.divergence = "forward_kl"  # forward_kl, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, total_variation
     c.kd.temperature = 1.0

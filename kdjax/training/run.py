@@ -13,8 +13,11 @@ from kdjax import evaluate, report
 from kdjax.checkpoint import load, save
 from kdjax.training import distill, gkd, grpo, minillm
 from kdjax.training.models import parse_layers, student_from_teacher
+from kdjax.training.rundir import RunDir
 
-TRAINERS = {"sft": distill.train, "distill": distill.train, "gkd": gkd.train, "minillm": minillm.train}
+TRAINERS = {"distill": distill.train, "gkd": gkd.train, "minillm": minillm.train}
+AFTER = {"distill": "student after KD", "gkd": "student after GKD", "minillm": "student after MiniLLM"}
+BASELINE = "student after SFT (baseline)"
 
 
 def run(cfg, mode: str, *, overwrite: bool = False) -> str:
@@ -22,50 +25,149 @@ def run(cfg, mode: str, *, overwrite: bool = False) -> str:
     cfg.mode = mode
     if mode == "grpo":
         return _report_grpo(cfg, grpo.train(cfg, overwrite=overwrite))
-    return _report_kd(cfg, TRAINERS[mode](cfg, overwrite=overwrite))
+    if mode == "sft":
+        result = distill.train(cfg, overwrite=overwrite)
+        _export(result["student"], result["tokenizer"], os.path.join(cfg.out_dir, "sft"))
+        rows = [("before SFT", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0])] \
+            if cfg.eval.before else []
+        rows.append((_label("after SFT", result["best"]), lambda: result["student"]))
+        _evaluate_and_report(cfg, result, rows, teacher=None)
+        return cfg.out_dir
+    return run_kd(cfg, mode, overwrite=overwrite)
+
+
+# ---- the paper's recipe: teacher SFT -> KD, beside the same student fine-tuned alone --------------
+def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
+    """[teacher_sft.steps > 0: fine-tune the teacher on the data] -> KD (`mode`) of the student ->
+    [baseline: the same student, from the same weights, fine-tuned on the same rows for the same
+    steps and lr without a teacher] -> the report of them all, each stage's budget beside it.
+    Every stage has its own run directory under out_dir, so `--resume` continues the stage that
+    was running and skips the finished ones."""
+    stages, kcfg = {}, cfg.copy_and_resolve_references()
+    tcfg = _stage_config(cfg, "teacher_sft", mode="sft", **{
+        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
+        "train.eval_every": 0, "train.select_best": "", "student": ""})
+    bcfg = _stage_config(kcfg, "sft_baseline", mode="sft", student="")
+    # every stage's run directory is checked first (locked? an earlier run's checkpoints?), so a
+    # conflict is reported at once, not after the stages before it have trained
+    for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline)):
+        if wanted:
+            RunDir(scfg, overwrite=overwrite).close()
+    if cfg.teacher_sft.steps:
+        stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
+        kcfg.teacher = stages["teacher SFT"]["export"]
+    if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
+        kcfg.student = _student_init(kcfg, overwrite)
+    stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
+    if cfg.baseline:
+        bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
+        stages[BASELINE] = _stage(bcfg, distill.train, "sft", overwrite)
+    result = stages[AFTER[mode]]["result"] or _context(kcfg)
+    rows = []
+    if cfg.eval.before:
+        rows.append(("teacher", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))
+        if cfg.teacher_sft.steps:
+            rows.append(("teacher after SFT", lambda: load(kcfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))
+        rows.append(("student before training", lambda: load(kcfg.student, dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    if cfg.baseline:
+        rows.append((BASELINE, lambda: load(stages[BASELINE]["export"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    after = _label(AFTER[mode], stages[AFTER[mode]]["best"])
+    rows.append((after, lambda: load(stages[AFTER[mode]]["export"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    teacher = "teacher after SFT" if cfg.teacher_sft.steps else "teacher"
+    _evaluate_and_report(cfg, result, rows, teacher=teacher if cfg.eval.before else None, stages=stages,
+                         compare=(after, BASELINE) if cfg.baseline else None)
+    return cfg.out_dir
+
+
+def _context(cfg) -> dict:
+    """What the report needs of a run whose training finished earlier (--resume)."""
+    splits, tokenizer, _, mesh = distill.prepare(cfg)
+    return dict(splits=splits, tokenizer=tokenizer, mesh=mesh)
+
+
+def _stage_config(cfg, name: str, **fields):
+    """cfg for a stage that runs in out_dir/name, with `fields` ("train.lr": ...) changed."""
+    c = cfg.copy_and_resolve_references()
+    c.out_dir = os.path.join(cfg.out_dir, name)
+    for key, value in fields.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
+    """Runs one stage (or, with cfg.resume, takes the finished one as it is) and exports its model
+    to out_dir/`export` (HF); {"export", "seconds", "steps", "rows", "result" (None when skipped)}."""
+    done = os.path.join(cfg.out_dir, "done.json")
+    if cfg.resume and not overwrite and os.path.exists(done):
+        with open(done) as f:
+            info = json.load(f)
+        print(f"{cfg.out_dir}: finished earlier ({info['steps']} steps), not run again", flush=True)
+        info["result"] = None
+        return info
+    t0 = time.time()
+    result = train_fn(cfg, overwrite=overwrite)
+    path = os.path.join(cfg.out_dir, export)
+    _export(result["student"], result["tokenizer"], path)
+    info = dict(export=path, seconds=round(time.time() - t0, 1), steps=cfg.train.steps,
+                rows=cfg.train.steps * cfg.train.batch_size, best=result["best"])
+    if _writer():
+        with open(done, "w") as f:
+            json.dump(info, f, indent=2)
+    info["result"] = result
+    return info
+
+
+def _student_init(cfg, overwrite: bool) -> str:
+    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format."""
+    from kdjax.checkpoint import load_tokenizer
+    path = os.path.join(cfg.out_dir, "student_init")
+    if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
+        return path  # the one the interrupted run started from
+    teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
+    student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
+                                   param_dtype=cfg.param_dtype)
+    save(student, path, format="kdjax", tokenizer=tokenizer or load_tokenizer(cfg.teacher))
+    return path
+
+
+def _export(model, tokenizer, path):
+    save(model, path, format="hf", tokenizer=tokenizer)
+    print(f"saved {path} (HF safetensors)", flush=True)
+
+
+def _label(name, best) -> str:
+    return f"{name} (step {best['step']}: best validation {best['metric']})" if best else name
 
 
 def _writer() -> bool:
     return jax.process_index() == 0
 
 
-def _report_kd(cfg, result) -> str:
-    model, teacher, tokenizer = result["student"], result["teacher"], result["tokenizer"]
-    kd = cfg.mode != "sft"
-    after = ("student after KD" if cfg.mode == "distill" else f"student after {cfg.mode.upper()}") if kd \
-        else "after SFT"
-    if result["best"]:
-        b = result["best"]
-        after += f" (step {b['step']}: best validation {b['metric']})"
-    out = os.path.join(cfg.out_dir, "student" if kd else "sft")
-    save(model, out, format="hf", tokenizer=tokenizer)
-    print(f"saved {out} (HF safetensors)", flush=True)
-    ec = cfg.eval
+def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=None):
+    """Scores each (label, model getter) on the test prompts; report.md / report.json / curves."""
+    ec, tokenizer = cfg.eval, result["tokenizer"]
     records = distill.eval_records(result["splits"]["test"], tokenizer, cfg, ec.num_samples)
     if records:
         kw = dict(max_length=cfg.data.max_length, template=cfg.data.template, batch_size=ec.batch_size,
                   seeds=[int(s) for s in str(ec.seeds).split(",")], temperature=ec.temperature,
                   top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, log=lambda m: print(m, flush=True))
-        todo = []
-        if ec.before:
-            if kd:
-                todo.append(("teacher", lambda: teacher))
-                todo.append(("student before KD", lambda: load(cfg.student, dtype=cfg.dtype, mesh=result["mesh"])[0]
-                             if cfg.student else student_from_teacher(
-                                 teacher, parse_layers(cfg.student_layers, teacher.config.num_layers))))
-            else:
-                todo.append(("before SFT", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))
-        todo.append((after, lambda: model))
         results = {}
-        for label, get in todo:
+        for label, get in rows:
             t0 = time.time()
             results[label] = evaluate.evaluate(get(), tokenizer, records, **kw)
             print(f"evaluated {label}: Rouge-L {results[label]['rougeL']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-        table = report.table(results, teacher="teacher" if "teacher" in results else None,
-                             out_dir=cfg.out_dir if _writer() else None)
+        extra = {}
+        if stages:
+            extra["stages"] = {k: {f: v for f, v in s.items() if f != "result"} for k, s in stages.items()}
+        if compare:
+            extra["kd_vs_sft"] = report.comparison(results[compare[0]], results[compare[1]])
+        table = report.table(results, teacher=teacher, out_dir=cfg.out_dir if _writer() else None, extra=extra)
         print("\n" + table, flush=True)
     _curves(cfg.out_dir)
-    return cfg.out_dir
 
 
 def _report_grpo(cfg, result) -> str:

@@ -28,7 +28,7 @@ RUNTIME_FIELDS = ("out_dir", "resume", "train.log_every", "train.eval_every", "t
                   "train.keep_checkpoints", "mesh.", "remat", "remat_policy", "attention", "eval.")
 BEST = "best"
 _RUN_FILES = ("checkpoints", BEST, BEST + ".new", "metrics.jsonl", "tensorboard", "report.md", "report.json",
-              "curves.png")
+              "curves.png", "done.json")
 
 
 class RunError(UserError):
