@@ -110,16 +110,20 @@ def main(argv=None):
         return 0
     verbose = "--verbose" in rest
     rest = [a for a in rest if a != "--verbose"]
-    # Library INFO logs (orbax, jax backends) drown the progress lines; --verbosity=0 brings them back.
-    app.run(_guarded(cmd, module.main, verbose), argv=[f"kdjax {cmd}", "--verbosity=-1"] + rest,
+    # Library logs (orbax, jax backends) drown the progress lines and repeat an error's traceback
+    # after kdjax has said it in one line: only fatal ones show, all of them with --verbose.
+    app.run(_guarded(cmd, module.main, verbose), argv=[f"kdjax {cmd}", f"--verbosity={0 if verbose else -3}"] + rest,
             flags_parser=_parser(cmd))
 
 
 def _user_error(e: BaseException) -> str | None:
     """The one line a user error gets (None: a bug, which keeps its traceback)."""
-    from kdjax.errors import UserError
+    from kdjax.errors import UserError, disk_failure
     if isinstance(e, (UserError, app.UsageError)):
         return str(e)
+    disk = disk_failure(e)
+    if disk:
+        return disk
     if isinstance(e, (FileNotFoundError, PermissionError)) and e.errno is None:
         return str(e)  # raised by kdjax with its own message
     if isinstance(e, OSError) and e.errno is not None:
@@ -134,11 +138,39 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
+class _MainThreadStderr:
+    """sys.stderr that writes the main thread's output at once and holds what other threads write
+    (a library's background thread dying after the disk filled, orbax's savers): that is reported
+    by the main thread's error; the held text is shown when the run ends well or with a bug, or
+    with --verbose."""
+
+    def __init__(self, real):
+        self.real, self.held = real, []
+
+    def write(self, text):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            return self.real.write(text)
+        self.held.append(text)
+        return len(text)
+
+    def flush(self):
+        self.real.flush()
+
+    def release(self):
+        self.real.write("".join(self.held))
+        self.held = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 def _guarded(cmd: str, main_fn, verbose: bool):
     """main_fn with kdjax's exits: a user error is one line on stderr and exit 2 (the traceback
     with --verbose); a bug prints its traceback and exits 1. Exits with os._exit after flushing,
     so threads a library left running (orbax's savers) can never keep the process alive."""
     def run(argv):
+        stderr = sys.stderr = _MainThreadStderr(sys.stderr)
         try:
             main_fn(argv)
         except SystemExit:
@@ -149,17 +181,19 @@ def _guarded(cmd: str, main_fn, verbose: bool):
         except BaseException as e:  # noqa: BLE001 (every failure ends the process, never hangs it)
             line = _user_error(e)
             if line is None or verbose:
+                stderr.release()
                 traceback.print_exc()
             if line is not None:
                 print(f"kdjax {cmd}: {line}", file=sys.stderr, flush=True)
             _exit(2 if line is not None else 1)
+        stderr.release()  # a run that succeeded still shows what went wrong beside it
         _exit(0)
     return run
 
 
 def _exit(code: int):
     sys.stdout.flush()
-    sys.stderr.flush()
+    sys.__stderr__.flush()
     os._exit(code)
 
 

@@ -106,7 +106,7 @@ def test_select_best_exports_the_best_validation_step(setup, tmp_path):
     v = evaluate.validation_loss(exported, rows["valid"], batch_size=8, chunk_size=96)["loss"]
     assert v == pytest.approx(best["value"], rel=1e-5) and v != pytest.approx(evals[-1]["val_loss"], rel=1e-3)
     c.train.select_best = "bleu"
-    with pytest.raises(ValueError, match="select_best: 'bleu'"):
+    with pytest.raises(ValueError, match="select_best='bleu'"):
         distill.train(c, overwrite=True)
 
 

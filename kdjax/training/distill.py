@@ -29,23 +29,23 @@ def check_config(cfg):
     """Every choice of the data and KD sections (and train.*), named by its flag."""
     d, kd = cfg.data, cfg.kd
     if d.template not in kdata.TEMPLATES:
-        raise ConfigError("data.template", f"{d.template!r}: expected one of {', '.join(kdata.TEMPLATES)}")
+        raise ConfigError("data.template", f"={d.template!r}: expected one of {', '.join(kdata.TEMPLATES)}")
     if d.source and d.layout not in kdata.LAYOUTS:
-        raise ConfigError("data.layout", f"{d.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
+        raise ConfigError("data.layout", f"={d.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
     if d.max_length < 2:
-        raise ConfigError("data.max_length", f"{d.max_length}: must be >= 2")
+        raise ConfigError("data.max_length", f"={d.max_length}: must be >= 2")
     if kd.divergence not in losses.DIVERGENCES:
-        raise ConfigError("kd.divergence", f"{kd.divergence!r}: expected one of {', '.join(losses.DIVERGENCES)}")
+        raise ConfigError("kd.divergence", f"={kd.divergence!r}: expected one of {', '.join(losses.DIVERGENCES)}")
     if not 0 <= kd.kd_ratio <= 1:
-        raise ConfigError("kd.kd_ratio", f"{kd.kd_ratio}: must be in [0, 1] (loss = kd_ratio * divergence + "
+        raise ConfigError("kd.kd_ratio", f"={kd.kd_ratio}: must be in [0, 1] (loss = kd_ratio * divergence + "
                                          f"(1 - kd_ratio) * cross-entropy)")
     if not kd.temperature > 0:
-        raise ConfigError("kd.temperature", f"{kd.temperature}: must be > 0")
+        raise ConfigError("kd.temperature", f"={kd.temperature}: must be > 0")
     for name in ("beta", "alpha"):
         if not 0 <= kd[name] <= 1:
-            raise ConfigError(f"kd.{name}", f"{kd[name]}: must be in [0, 1]")
+            raise ConfigError(f"kd.{name}", f"={kd[name]}: must be in [0, 1]")
     if kd.chunk_size < 1:
-        raise ConfigError("kd.chunk_size", f"{kd.chunk_size}: must be >= 1")
+        raise ConfigError("kd.chunk_size", f"={kd.chunk_size}: must be >= 1")
     check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
 
 
@@ -69,7 +69,7 @@ def make_rows(dcfg, splits, tokenizer, *, packing: bool | None = None) -> dict[s
                                on_long_prompt="skip", packing=packing and k == "train")
             for k, v in splits.items() if k != "test" and v}
     if len(rows.get("train", {}).get("input_ids", ())) == 0:
-        raise ConfigError("data.max_length", f"{dcfg.max_length}: no training prompt fits; raise it")
+        raise ConfigError("data.max_length", f"={dcfg.max_length}: no training prompt fits; raise it")
     return rows
 
 
@@ -160,7 +160,7 @@ def prepare(cfg):
     splits = load_splits(cfg.data)
     tokenizer = load_tokenizer(cfg.teacher)
     if tokenizer is None:
-        raise ConfigError("teacher", f"{cfg.teacher}: no tokenizer next to the weights")
+        raise ConfigError("teacher", f"={cfg.teacher}: no tokenizer next to the weights")
     rows = make_rows(cfg.data, splits, tokenizer)
     mesh = config_mesh(cfg, cfg.train.batch_size // cfg.train.grad_accum, "the micro-batch")
     print(f"data: {len(rows['train']['input_ids'])} train rows, {len(rows.get('valid', {}).get('input_ids', []))} "

@@ -64,11 +64,11 @@ class OnPolicyBatches:
 def check_config(cfg):
     g = cfg.gkd
     if not 0 <= g.lmbda <= 1:
-        raise ConfigError("gkd.lmbda", f"{g.lmbda}: the share of on-policy batches, in [0, 1]")
+        raise ConfigError("gkd.lmbda", f"={g.lmbda}: the share of on-policy batches, in [0, 1]")
     if not g.temperature > 0:
-        raise ConfigError("gkd.temperature", f"{g.temperature}: must be > 0")
+        raise ConfigError("gkd.temperature", f"={g.temperature}: must be > 0")
     if g.max_new_tokens < 1:
-        raise ConfigError("gkd.max_new_tokens", f"{g.max_new_tokens}: must be >= 1")
+        raise ConfigError("gkd.max_new_tokens", f"={g.max_new_tokens}: must be >= 1")
     if cfg.data.packing:
         raise ConfigError("data.packing", "GKD samples a response per prompt, one a row; packing is for "
                                           "kdjax distill / sft")

@@ -90,7 +90,7 @@ class GroupSamples:
         self.width = prompts.width + cfg.grpo.max_new_tokens  # one shape: one compilation of the update
         mine = process_rows(mesh, self.rows)
         if mine.start % self.g or (mine.stop - mine.start) % self.g:
-            raise ConfigError("train.batch_size", f"{cfg.train.batch_size} prompts x {self.g} completions: each "
+            raise ConfigError("train.batch_size", f"={cfg.train.batch_size} prompts x {self.g} completions: each "
                                                   f"process must hold whole groups; make batch_size divide by "
                                                   f"the {jax.process_count()} processes")
         self.mine = slice(mine.start // self.g, mine.stop // self.g)  # this process's prompts of a step
@@ -126,7 +126,7 @@ def load_problems(cfg) -> dict[str, list[kdata.Record]]:
         records = records[:d.limit]
     without = [r for r in records if not r.tests]
     if without:
-        raise ConfigError("data.source", f"{source}: {len(without)} records without tests (first: "
+        raise ConfigError("data.source", f"={source}: {len(without)} records without tests (first: "
                                          f"{without[0].source}); GRPO needs problems with tests (layouts mbpp, "
                                          f"humaneval)")
     return kdata.split_records(records, seed=d.seed, valid=d.valid, test=d.test)
@@ -157,19 +157,19 @@ def evaluate_policy(model, tokenizer, records, cfg, *, log=print) -> dict:
 def check_config(cfg):
     g = cfg.grpo
     if g.num_generations < 2:
-        raise ConfigError("grpo.num_generations", f"{g.num_generations}: GRPO needs >= 2 completions a prompt "
+        raise ConfigError("grpo.num_generations", f"={g.num_generations}: GRPO needs >= 2 completions a prompt "
                                                   f"(advantages are relative to the group)")
     unknown = set(g.weights) - set(R.REWARDS)
     if unknown:
         raise ConfigError("grpo.weights", f"unknown reward(s) {sorted(unknown)}; expected {R.REWARDS}")
     if g.beta < 0:
-        raise ConfigError("grpo.beta", f"{g.beta}: must be >= 0")
+        raise ConfigError("grpo.beta", f"={g.beta}: must be >= 0")
     if g.temperature <= 0:
-        raise ConfigError("grpo.temperature", f"{g.temperature}: must be > 0")
+        raise ConfigError("grpo.temperature", f"={g.temperature}: must be > 0")
     if g.max_new_tokens < 1:
-        raise ConfigError("grpo.max_new_tokens", f"{g.max_new_tokens}: must be >= 1")
+        raise ConfigError("grpo.max_new_tokens", f"={g.max_new_tokens}: must be >= 1")
     if cfg.data.source and cfg.data.layout not in kdata.LAYOUTS:
-        raise ConfigError("data.layout", f"{cfg.data.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
+        raise ConfigError("data.layout", f"={cfg.data.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
     if cfg.data.packing:
         raise ConfigError("data.packing", "GRPO trains on its own completion rows, one a row; packing is for "
                                           "data rows (kdjax distill / sft / minillm)")
@@ -186,7 +186,7 @@ def train(cfg, reward_fn: Callable | None = None, *, overwrite: bool = False) ->
     src = cfg.student or cfg.teacher
     tokenizer = load_tokenizer(src)
     if tokenizer is None:
-        raise ConfigError("student" if cfg.student else "teacher", f"{src}: no tokenizer next to the weights")
+        raise ConfigError("student" if cfg.student else "teacher", f"={src}: no tokenizer next to the weights")
     mesh = config_mesh(cfg, tc.batch_size * g.num_generations // tc.grad_accum,
                        f"a micro-batch of {tc.batch_size} prompts x {g.num_generations} completions")
     prompts = {}
@@ -208,7 +208,7 @@ def train(cfg, reward_fn: Callable | None = None, *, overwrite: bool = False) ->
         policy, _ = load_trained(src, cfg, mesh)
         context = policy.config.max_position_embeddings
         if prompts["train"].width + g.max_new_tokens > context:
-            raise ConfigError("grpo.max_new_tokens", f"{g.max_new_tokens} plus prompts of up to "
+            raise ConfigError("grpo.max_new_tokens", f"={g.max_new_tokens} plus prompts of up to "
                                                      f"{prompts['train'].width} tokens exceed the policy's context "
                                                      f"of {context}; lower it or data.max_length")
         ref = load_frozen(src, cfg, mesh)[0] if g.beta > 0 else None

@@ -70,21 +70,21 @@ def check_train_config(cfg, eval_metrics: tuple[str, ...], *, has_validation: bo
     tc = cfg.train
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(tc[name]) < (0 if name == "steps" else 1):
-            raise ConfigError(f"train.{name}", f"{tc[name]}: must be >= {0 if name == 'steps' else 1}")
+            raise ConfigError(f"train.{name}", f"={tc[name]}: must be >= {0 if name == 'steps' else 1}")
     if tc.epochs < 0 or tc.eval_every < 0:
         raise ConfigError("train.epochs" if tc.epochs < 0 else "train.eval_every", "must be >= 0")
     if tc.batch_size % tc.grad_accum:
-        raise ConfigError("train.batch_size", f"{tc.batch_size} must divide by train.grad_accum={tc.grad_accum}")
+        raise ConfigError("train.batch_size", f"={tc.batch_size} must divide by train.grad_accum={tc.grad_accum}")
     if not tc.lr > 0:
-        raise ConfigError("train.lr", f"{tc.lr}: must be > 0")
+        raise ConfigError("train.lr", f"={tc.lr}: must be > 0")
     if tc.eval_every and not has_validation:
-        raise ConfigError("train.eval_every", f"{tc.eval_every} needs validation data (--config.data.valid > 0)")
+        raise ConfigError("train.eval_every", f"={tc.eval_every} needs validation data (--config.data.valid > 0)")
     if tc.select_best:
         if tc.select_best not in eval_metrics:
-            raise ConfigError("train.select_best", f"{tc.select_best!r}: expected '' (keep the last step) or a "
+            raise ConfigError("train.select_best", f"={tc.select_best!r}: expected '' (keep the last step) or a "
                                                    f"metric of this trainer's evaluation: {', '.join(eval_metrics)}")
         if not tc.eval_every:
-            raise ConfigError("train.select_best", f"{tc.select_best!r} needs validation evals: set "
+            raise ConfigError("train.select_best", f"={tc.select_best!r} needs validation evals: set "
                                                    f"--config.train.eval_every")
 
 
@@ -95,7 +95,7 @@ def resolve_steps(cfg, examples: int) -> int:
         tc.steps = max(1, math.ceil(tc.epochs * examples / tc.batch_size))
         print(f"train.epochs={tc.epochs}: {tc.steps} steps of {tc.batch_size}", flush=True)
     if tc.steps < 1:
-        raise ConfigError("train.steps", f"{tc.steps}: must be >= 1 (or set train.epochs)")
+        raise ConfigError("train.steps", f"={tc.steps}: must be >= 1 (or set train.epochs)")
     return tc.steps
 
 

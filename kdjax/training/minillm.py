@@ -140,11 +140,11 @@ def on_policy_rkl(student, teacher, prompts, *, tokenizer, max_new_tokens: int, 
 def check_config(cfg):
     m = cfg.minillm
     if not 0 <= m.alpha < 1:
-        raise ConfigError("minillm.alpha", f"{m.alpha}: the teacher's share of the sampling, in [0, 1)")
+        raise ConfigError("minillm.alpha", f"={m.alpha}: the teacher's share of the sampling, in [0, 1)")
     if m.max_new_tokens < 1:
-        raise ConfigError("minillm.max_new_tokens", f"{m.max_new_tokens}: must be >= 1")
+        raise ConfigError("minillm.max_new_tokens", f"={m.max_new_tokens}: must be >= 1")
     if m.ce_weight < 0:
-        raise ConfigError("minillm.ce_weight", f"{m.ce_weight}: must be >= 0")
+        raise ConfigError("minillm.ce_weight", f"={m.ce_weight}: must be >= 0")
     distill.check_config(cfg)
 
 
@@ -163,7 +163,7 @@ def train(cfg, *, overwrite: bool = False) -> dict:
         student = load_student(cfg, teacher, tokenizer, mesh)
         context = min(student.config.max_position_embeddings, teacher.config.max_position_embeddings)
         if prompts.width + cfg.minillm.max_new_tokens > context:
-            raise ConfigError("minillm.max_new_tokens", f"{cfg.minillm.max_new_tokens} plus prompts of up to "
+            raise ConfigError("minillm.max_new_tokens", f"={cfg.minillm.max_new_tokens} plus prompts of up to "
                                                         f"{prompts.width} tokens exceed the context of {context}")
         m = cfg.minillm
         loss = partial(minillm_loss, graphdef=nnx.graphdef(student), teacher_graphdef=nnx.graphdef(teacher),

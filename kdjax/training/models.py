@@ -29,11 +29,11 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         else:
             layers = [int(x) for x in str(spec).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError("student_layers", f"{spec!r}: expected 'every_other', 'first_last:N' with "
+        raise ConfigError("student_layers", f"={spec!r}: expected 'every_other', 'first_last:N' with "
                                             f"0 < N <= {num_layers}, or a comma list of ints") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if not layers or bad:
-        raise ConfigError("student_layers", f"{spec!r}: indices must lie in [0, {num_layers}) (bad: {bad})")
+        raise ConfigError("student_layers", f"={spec!r}: indices must lie in [0, {num_layers}) (bad: {bad})")
     return layers
 
 

@@ -16,6 +16,7 @@ from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
 
 TRAINERS = {"distill": distill.train, "gkd": gkd.train, "minillm": minillm.train}
+CHECKS = {"distill": distill.check_config, "gkd": gkd.check_config, "minillm": minillm.check_config}
 AFTER = {"distill": "student after KD", "gkd": "student after GKD", "minillm": "student after MiniLLM"}
 BASELINE = "student after SFT (baseline)"
 
@@ -43,6 +44,8 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     steps and lr without a teacher] -> the report of them all, each stage's budget beside it.
     Every stage has its own run directory under out_dir, so `--resume` continues the stage that
     was running and skips the finished ones."""
+    CHECKS[mode](cfg)  # config, then data and tokenizer: every input error before a model is loaded
+    context = _context(cfg)
     stages, kcfg = {}, cfg.copy_and_resolve_references()
     tcfg = _stage_config(cfg, "teacher_sft", mode="sft", **{
         "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
@@ -62,7 +65,7 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     if cfg.baseline:
         bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
         stages[BASELINE] = _stage(bcfg, distill.train, "sft", overwrite)
-    result = stages[AFTER[mode]]["result"] or _context(kcfg)
+    result = stages[AFTER[mode]]["result"] or context
     rows = []
     if cfg.eval.before:
         rows.append(("teacher", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))

@@ -20,7 +20,7 @@ import shutil
 
 import jax
 
-from kdjax.errors import UserError
+from kdjax.errors import UserError, disk_failure
 
 # Fields that change how a run is watched or laid out, not what it computes: they may differ
 # between a run and its --resume. Everything else (models, data, optimizer, loss, steps) must not.
@@ -186,17 +186,9 @@ class RunDir:
             raise self._as_run_error(e) from None
 
     def _as_run_error(self, e: BaseException) -> BaseException:
-        chain = [e]
-        while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-            chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        os_err = next((x for x in chain if isinstance(x, OSError) and x.errno), None)
-        if os_err is not None:
-            return disk_error(os_err, self.ckpt_dir)
-        text = " ".join(str(x) for x in chain)
-        for code, words in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
-                            (errno.EROFS, "Read-only file system")):
-            if words in text:
-                return disk_error(OSError(code, os.strerror(code)), self.ckpt_dir)
+        disk = disk_failure(e)
+        if disk is not None:
+            return RunError(f"{self.ckpt_dir}: saving a checkpoint failed, {disk}")
         return RunError(f"{self.ckpt_dir}: saving a checkpoint failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})")
 
