@@ -86,6 +86,20 @@ def _parser(cmd: str):
     return parse
 
 
+def _compilation_cache():
+    """XLA's persistent compilation cache in ~/.cache/kdjax/xla (KDJAX_XLA_CACHE names another
+    folder, KDJAX_XLA_CACHE=0 turns it off): a resumed run, the runs of a sweep and the stages of a
+    pipeline compile each program once. JAX's own JAX_COMPILATION_CACHE_DIR wins when set."""
+    where = os.environ.get("KDJAX_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kdjax", "xla"))
+    if where == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = where
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -95,6 +109,7 @@ def main(argv=None):
     if cmd not in COMMANDS:
         print(f"kdjax: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    _compilation_cache()
     try:  # ml_collections checks --config.x=y names against the default config as the flag is defined
         module = importlib.import_module(f"kdjax.commands.{COMMANDS[cmd][0]}")
     except (AttributeError, KeyError) as e:
