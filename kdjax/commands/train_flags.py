@@ -61,3 +61,16 @@ def run(mode: str):
         cfg.resume = True
     from kdjax.training.run import run as run_training
     return run_training(cfg, mode, overwrite=FLAGS.overwrite)
+
+
+def command(mode: str, default_config: str = DEFAULT_CONFIG):
+    """(main, FLAG_MODULES) of the training command `kdjax MODE`: its module defines nothing else."""
+    import sys
+    define_flags(default_config)
+
+    def main(argv):
+        from absl import app
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+        run(mode)
+    return main, (sys.modules[__name__],)
