@@ -1,4 +1,4 @@
-"""Benchmark: kdjax decoding throughput (kdjax.generate._decode), as the anchor ../shared/bench/torch_generate.py.
+"""Benchmark: kdjax decoding throughput (kdjax.generate.decode), as the anchor ../shared/bench/torch_generate.py.
 
 A Qwen2.5-0.5B-config model with random weights (bf16, built on the device by a jitted init),
 `--batch` random prompts of `--prompt` tokens, `--new` sampled tokens each (temperature 1,
@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 
 from bench.kd_step import memory_analysis  # noqa: E402
 from kdjax.config import ATTENTION_IMPLS, ModelConfig  # noqa: E402
-from kdjax.generate import _decode  # noqa: E402
+from kdjax.generate import decode  # noqa: E402
 from kdjax.model import Qwen2  # noqa: E402
 
 GIB = 2 ** 30
@@ -117,7 +117,7 @@ def main(argv=None):
     static = dict(max_new_tokens=a.new, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
 
     t0 = time.perf_counter()
-    compiled = _decode.lower(graphdef, *args, **static).compile()
+    compiled = decode.lower(graphdef, *args, **static).compile()
     compile_s = time.perf_counter() - t0
     res = dict(bench="generate", impl="kdjax", model=a.model, batch=a.batch, prompt=a.prompt, new=a.new,
                dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention, temperature=a.temperature,

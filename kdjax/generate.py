@@ -34,7 +34,12 @@ def sample_logits(logits, key, temperature: float = 0.0, top_k: int = 0, top_p: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _decode(graphdef, state, ids, mask, key, stop, pad_id, *, max_new_tokens, temperature, top_k, top_p):
+def decode(graphdef, state, ids, mask, key, stop, pad_id, *, max_new_tokens, temperature, top_k, top_p):
+    """The compiled decoding loop of `generate`: prefill, then up to `max_new_tokens` sampled tokens.
+
+    (graphdef, state) = nnx.split(model); ids, mask: [B, P] left-padded prompts and their mask;
+    stop: [S] stop token ids; pad_id fills rows that have stopped. Returns [B, max_new_tokens] int32.
+    """
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
     cache = model.init_cache(b, p + max_new_tokens)
@@ -84,7 +89,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
         mask[r, width - len(p):] = 1
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     graphdef, state = nnx.split(model)
-    out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), stop,
+    out = decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), stop,
                   jnp.int32(pad_id), max_new_tokens=max_new_tokens, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p))
     result = []

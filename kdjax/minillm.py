@@ -74,6 +74,9 @@ def _decode_mixed(sgraph, sstate, tgraph, tstate, ids, mask, key, stop, pad_id, 
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
+decode_mixed = _decode_mixed  # public: kdjax.programs compiles the sampler for `kdjax plan`
+
+
 def sample_mixed(student, teacher, prompts, *, alpha: float, max_new_tokens: int, stop_tokens, pad_id: int,
                  seed: int, width: int) -> list[list[int]]:
     """One completion per prompt from alpha * teacher + (1 - alpha) * student (temperature 1), cut
