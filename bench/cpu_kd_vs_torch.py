@@ -49,12 +49,12 @@ def parse_args(argv=None):
 
 # ---- the PyTorch side (the anchor's kd_hf step, on the CPU) -----------------------------------
 def hf_model(preset: str, dtype):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """transformers' model of a kdjax preset's shape (Qwen2 or Llama), random weights, sdpa attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from kdjax.config import ModelConfig
     hf = ModelConfig.preset(preset).to_hf()
-    hf.update(attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(Qwen2Config(**hf))
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.to(dtype=dtype)
 
 
