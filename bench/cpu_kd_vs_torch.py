@@ -43,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps a round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps a round (after kdjax's compile)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--xla_flags", default="", help="also run kdjax's side with these XLA_FLAGS (a third side, "
+                    "e.g. --xla_cpu_use_onednn=true), interleaved with the other two")
     ap.add_argument("--side", choices=["torch", "kdjax"], help=argparse.SUPPRESS)  # one side, in this process
     return ap.parse_args(argv)
 
@@ -106,12 +108,14 @@ def kdjax_side(a) -> dict:
     return dict(side="kdjax", jax=jax.__version__, times=r["step_times"], loss=r["loss"], compile_s=r["compile_s"])
 
 
-def run_side(a, side: str) -> dict:
+def run_side(a, side: str, xla_flags: str = "") -> dict:
     """One side in a fresh process: its JSON line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run (the tests simulate 8)
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
     argv = [sys.executable, os.path.abspath(__file__), f"--side={side}"] + [
-        f"--{k}={v}" for k, v in vars(a).items() if k != "side" and v is not None]
+        f"--{k}={v}" for k, v in vars(a).items() if k not in ("side", "xla_flags") and v is not None]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
@@ -126,20 +130,25 @@ def main(argv=None):
         print(json.dumps(out), flush=True)
         return out
     tokens = a.batch * a.seq
-    times = {"torch": [], "kdjax": []}
+    sides = [("torch", "torch", ""), ("kdjax", "kdjax", "")] + (
+        [(f"kdjax {a.xla_flags}", "kdjax", a.xla_flags)] if a.xla_flags else [])
+    times = {name: [] for name, _, _ in sides}
     for r in range(a.rounds):
-        for side in ("torch", "kdjax"):
-            line = run_side(a, side)
-            times[side] += line["times"]
-            print(json.dumps(dict(line, round=r, tokens_per_s=round(tokens / statistics.median(line["times"]), 2))),
-                  flush=True)
+        for name, side, flags in sides:
+            line = run_side(a, side, flags)
+            times[name] += line["times"]
+            print(json.dumps(dict(line, side=name, round=r,
+                                  tokens_per_s=round(tokens / statistics.median(line["times"]), 2))), flush=True)
     rate = {s: tokens / statistics.median(t) for s, t in times.items()}
     summary = dict(bench="cpu_kd_vs_torch", student=a.student, teacher=a.teacher, batch=a.batch, seq=a.seq,
                    dtype=a.dtype, chunk_size=a.chunk_size, rounds=a.rounds, steps=a.steps, cpus=os.cpu_count(),
                    date=datetime.date.today().isoformat(),
                    torch_tokens_per_s=round(rate["torch"], 2), kdjax_tokens_per_s=round(rate["kdjax"], 2),
                    ratio=round(rate["kdjax"] / rate["torch"], 3),
-                   torch_step_s=[round(t, 3) for t in times["torch"]], kdjax_step_s=[round(t, 3) for t in times["kdjax"]])
+                   step_s={k: [round(t, 3) for t in v] for k, v in times.items()})
+    if a.xla_flags:
+        summary.update(xla_flags=a.xla_flags, kdjax_flags_tokens_per_s=round(rate[sides[2][0]], 2),
+                       ratio_flags=round(rate[sides[2][0]] / rate["torch"], 3))
     print(json.dumps(summary), flush=True)
     return summary
 
