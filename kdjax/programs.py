@@ -47,7 +47,8 @@ class Program:
 
     tokens: tokens one call processes (training rows x length, or generated tokens), whole slice.
     model_flops: FLOPs one call needs by the usual count (6 N a trained token, 2 N a scored or
-    generated one, N every parameter, plus causal attention), whole slice: what MFU is based on.
+    generated one, N the parameters a token multiplies with, plus causal attention), whole slice:
+    what MFU is based on.
     """
     name: str
     what: str
@@ -144,6 +145,12 @@ def batch_sharding(mesh: Mesh, rows: int | None = None) -> NamedSharding:
 
 
 # ---- FLOP counts (the usual model FLOPs, for MFU) ----------------------------------------------
+def matmul_params(mcfg: ModelConfig) -> int:
+    """Parameters a token multiplies with: all but an untied input embedding (a table lookup); a
+    tied embedding counts once, as the output head."""
+    return mcfg.num_params() - (0 if mcfg.tie_word_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+
+
 def attention_flops(mcfg: ModelConfig, context: float) -> float:
     """QK^T and PV matmuls of one token's forward pass attending to `context` keys, all layers."""
     return 4.0 * context * mcfg.num_heads * mcfg.head_dim * mcfg.num_layers
@@ -151,13 +158,13 @@ def attention_flops(mcfg: ModelConfig, context: float) -> float:
 
 def forward_flops(mcfg: ModelConfig, tokens: int, length: int) -> float:
     """One forward pass over rows of `length` tokens (causal: a token sees length / 2 on average)."""
-    return tokens * (2.0 * mcfg.num_params() + attention_flops(mcfg, length / 2))
+    return tokens * (2.0 * matmul_params(mcfg) + attention_flops(mcfg, length / 2))
 
 
 def decode_flops(mcfg: ModelConfig, batch: int, prompt: int, new: int) -> float:
     """Prefill of the prompts and `new` decoding steps over a cache of prompt + new slots."""
     return (forward_flops(mcfg, batch * prompt, prompt)
-            + batch * new * (2.0 * mcfg.num_params() + attention_flops(mcfg, prompt + new)))
+            + batch * new * (2.0 * matmul_params(mcfg) + attention_flops(mcfg, prompt + new)))
 
 
 # ---- the programs ------------------------------------------------------------------------------
