@@ -22,7 +22,7 @@ kplan.compile_env()  # before JAX starts a backend: CPU for everything, libtpu o
 config_flags.DEFINE_config_file("config", os.path.abspath(kplan.__file__.replace("plan.py", "train_config.py")),
                                 "experiment config file (configs/NAME.py); override fields with --config.x=y")
 flags.DEFINE_string("topology", None, "the TPU slice: CHIP:SHAPE (v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x4) or an "
-                    "accelerator type (v4-8, v5e-16, v5p-8, v6e-8)", required=True)
+                    "accelerator type (v4-8, v5e-16, v5p-8, v6e-8)")
 flags.DEFINE_enum("command", None, ["distill", "sft", "minillm", "grpo", "gkd"],
                   "the command whose programs to compile (default: the config's mode)")
 flags.DEFINE_list("programs", None, "compile only these programs (train_step, sampler, generate, "
@@ -42,6 +42,8 @@ def main(argv):
     if FLAGS.chips:
         print(kplan.chip_table())
         return
+    if not FLAGS.topology:
+        raise app.UsageError("--topology is required (v5e:4x4, v4:2x2x1, v4-8, v5e-16, v5p-8, v6e-8), or --chips")
     import jax
     cfg = FLAGS.config
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if FLAGS.json else (lambda m: print(m, flush=True))
