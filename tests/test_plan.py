@@ -168,3 +168,19 @@ def test_a_missing_model_shape_is_one_clear_error():
     with pytest.raises(ValueError, match=r"--config.teacher='/nowhere/Some-Model'.*config.json"):
         programs.model_configs(cfg)
     assert math.isclose(plan.CHIPS["v5e"].bf16_tflops, 197.0)
+
+
+def test_minillm_and_grpo_steps_and_samplers_compile():
+    from kdjax.grpo_config import get_config as grpo_config
+    cfg = tiny_config(**{"minillm.max_new_tokens": 8})
+    report = plan.plan(cfg, "v5e:2x2", "minillm", log=lambda m: None)
+    assert [(p["program"], p["fits"]) for p in report["programs"]] == [
+        ("train_step", True), ("sampler", True), ("generate", True)]
+    assert report["programs"][1]["tokens"] == 8 * 8  # a completion of 8 new tokens a prompt
+    g = set_fields(grpo_config(), teacher="tiny-qwen2", **{
+        "data.max_length": 64, "train.batch_size": 2, "grpo.num_generations": 4, "grpo.max_new_tokens": 8,
+        "eval.num_samples": 0, "mesh.data": 1, "mesh.fsdp": -1})
+    report = plan.plan(g, "v5e:2x2", log=lambda m: None)  # the config's mode: grpo
+    step, sampler = report["programs"]
+    assert (step["program"], sampler["program"]) == ("train_step", "sampler") and step["fits"] and sampler["fits"]
+    assert step["tokens"] == 8 * (64 + 8) and sampler["tokens"] == 8 * 8
