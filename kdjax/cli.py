@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import errno
+import glob
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -14,6 +16,7 @@ from absl import app, flags
 COMMANDS = {
     "convert": ("convert", "convert a checkpoint (HF dir, .gguf, kdjax, preset) to HF safetensors or kdjax"),
     "generate": ("generate", "generate text with the chat template applied"),
+    "plan": ("plan", "compile a command's programs for a TPU slice on this CPU: fits?, GiB a chip, roofline MFU"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
@@ -100,8 +103,23 @@ def _compilation_cache():
     os.environ["JAX_COMPILATION_CACHE_DIR"] = where
 
 
+def skip_tpu_probe_off_tpu(environ=os.environ) -> None:
+    """With libtpu installed (`kdjax plan` needs it) but no TPU on this machine, JAX would still try
+    to start a TPU backend in every process (slow, noisy, and holding libtpu's host lockfile where
+    it gets that far): run on the GPU or the CPU instead, unless JAX_PLATFORMS says otherwise. On a
+    TPU VM (/dev/accel*, /dev/vfio/*) nothing changes."""
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    environ["JAX_PLATFORMS"] = "cuda,cpu"  # JAX takes the first that starts
+    if "jax" in sys.modules:  # imported already (by the kdjax package): no backend has started yet
+        sys.modules["jax"].config.update("jax_platforms", environ["JAX_PLATFORMS"])
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
+    skip_tpu_probe_off_tpu()
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         return 0 if len(argv) >= 2 else 2
