@@ -11,6 +11,7 @@ import jax
 
 from kdjax import evaluate, report
 from kdjax.checkpoint import load, save
+from kdjax.train_config import override
 from kdjax.training import distill, gkd, grpo, minillm
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
@@ -47,10 +48,8 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     CHECKS[mode](cfg)  # config, then data and tokenizer: every input error before a model is loaded
     context = _context(cfg)
     stages, kcfg = {}, cfg.copy_and_resolve_references()
-    tcfg = _stage_config(cfg, "teacher_sft", mode="sft", **{
-        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
-        "train.eval_every": 0, "train.select_best": "", "student": ""})
-    bcfg = _stage_config(kcfg, "sft_baseline", mode="sft", student="")
+    tcfg = teacher_sft_config(cfg, os.path.join(cfg.out_dir, "teacher_sft"))
+    bcfg = _stage_config(kcfg, os.path.join(cfg.out_dir, "sft_baseline"), mode="sft", student="")
     # every stage's run directory is checked first (locked? an earlier run's checkpoints?), so a
     # conflict is reported at once, not after the stages before it have trained
     for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline)):
@@ -60,7 +59,7 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
         kcfg.teacher = stages["teacher SFT"]["export"]
     if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
-        kcfg.student = _student_init(kcfg, overwrite)
+        kcfg.student = student_init(kcfg)
     stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
     if cfg.baseline:
         bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
@@ -82,23 +81,31 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     return cfg.out_dir
 
 
+def teacher_sft_config(cfg, out_dir: str):
+    """The teacher's fine-tuning stage of cfg: `kdjax sft` of cfg.teacher for teacher_sft.steps at
+    teacher_sft.lr on the same data, into out_dir."""
+    return _stage_config(cfg, out_dir, mode="sft", **{
+        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
+        "train.eval_every": 0, "train.select_best": "", "student": ""})
+
+
+def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
+    """Fine-tunes cfg.teacher as its teacher_sft section says (or takes a finished one with
+    cfg.resume); the HF directory of the fine-tuned teacher."""
+    return _stage(teacher_sft_config(cfg, out_dir), distill.train, "sft", overwrite)["export"]
+
+
 def _context(cfg) -> dict:
     """What the report needs of a run whose training finished earlier (--resume)."""
     splits, tokenizer, _, mesh = distill.prepare(cfg)
     return dict(splits=splits, tokenizer=tokenizer, mesh=mesh)
 
 
-def _stage_config(cfg, name: str, **fields):
-    """cfg for a stage that runs in out_dir/name, with `fields` ("train.lr": ...) changed."""
+def _stage_config(cfg, out_dir: str, **fields):
+    """cfg for a stage that runs in out_dir, with `fields` ("train.lr": ...) changed."""
     c = cfg.copy_and_resolve_references()
-    c.out_dir = os.path.join(cfg.out_dir, name)
-    for key, value in fields.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    c.out_dir = out_dir
+    return override(c, fields)
 
 
 def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
@@ -124,12 +131,13 @@ def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
     return info
 
 
-def _student_init(cfg, overwrite: bool) -> str:
-    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format."""
+def student_init(cfg) -> str:
+    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format
+    (with cfg.resume, the one the interrupted run started from)."""
     from kdjax.checkpoint import load_tokenizer
     path = os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
-        return path  # the one the interrupted run started from
+        return path
     teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
     student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                    param_dtype=cfg.param_dtype)
