@@ -203,8 +203,8 @@ def sampler(name: str, mcfg: ModelConfig, mesh: Mesh, batch: int, prompt: int, n
     ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=batch_sharding(mesh, batch))
     static = dict(max_new_tokens=new, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     return Program(name, f"{batch} prompts x {prompt} tokens + {new} new", generate.decode,
-                   ((graphdef,), (state,), ids, ids, *sampling_inputs(mesh)), batch * new,
-                   decode_flops(mcfg, batch, prompt, new), static)
+                   ((state,), ids, ids, *sampling_inputs(mesh)), batch * new,
+                   decode_flops(mcfg, batch, prompt, new), dict(static, graphdefs=(graphdef,)))
 
 
 def sampling_inputs(mesh: Mesh) -> tuple:
@@ -253,11 +253,12 @@ def minillm_programs(cfg, mesh: Mesh) -> list[Program]:
     tgraph, tstate = abstract_model(teacher, mesh, pure=False)
     ids = jax.ShapeDtypeStruct((tc.batch_size, width), jnp.int32, sharding=batch_sharding(mesh, tc.batch_size))
     sample = Program("sampler", f"teacher-mixed, {tc.batch_size} prompts x {width} tokens + {m.max_new_tokens} new",
-                     generate.decode, ((sgraph, tgraph), (sstate, tstate), ids, ids, *sampling_inputs(mesh)),
+                     generate.decode, ((sstate, tstate), ids, ids, *sampling_inputs(mesh)),
                      tc.batch_size * m.max_new_tokens,
                      decode_flops(student, tc.batch_size, width, m.max_new_tokens)
                      + decode_flops(teacher, tc.batch_size, width, m.max_new_tokens),
-                     dict(max_new_tokens=m.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0))
+                     dict(graphdefs=(sgraph, tgraph), max_new_tokens=m.max_new_tokens, temperature=1.0, top_k=0,
+                          top_p=1.0))
 
     tx = make_optimizer(tc)
     graphdef, state, state_sh = abstract_train_state(student, tx, mesh)

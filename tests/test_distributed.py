@@ -23,9 +23,13 @@ WORKER = r"""
 import json, os, sys
 pid, n, mode, fields = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 import jax
-if n > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
+if n > 1:  # as `kdjax COMMAND --distributed --coordinator=... --num_processes=... --process_id=...`
+    from absl import flags
+    from kdjax.commands import train_flags
+    train_flags.define_flags()
+    flags.FLAGS(["worker", "--distributed", "--coordinator=" + os.environ["COORDINATOR"], f"--num_processes={n}",
+                 f"--process_id={pid}"])
+    train_flags.initialize_distributed()
 from kdjax import grpo_config, train_config
 from kdjax.training import distill, grpo
 from kdjax.training.run import run
@@ -51,6 +55,7 @@ pid, n = int(sys.argv[1]), int(sys.argv[2])
 import jax
 import numpy as np
 if n > 1:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_collective_timeout_seconds=1800"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
 from kdjax import sharding

@@ -47,6 +47,11 @@ def initialize_distributed():
             raise UserError(f"--process_id={FLAGS.process_id}: must be in [0, --num_processes={FLAGS.num_processes})")
     if jax.config.jax_platforms and "cpu" in jax.config.jax_platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
+        # Processes that compile the same step at different speeds (a loaded machine) meet at its
+        # first collective minutes apart, not XLA's default 30 s.
+        if "xla_cpu_collective_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_timeout_seconds=1800"
+                                       ).strip()
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
 

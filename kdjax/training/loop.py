@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.sharding import place_rows
+from kdjax.sharding import call_compiled, place_rows
 from kdjax.training.progress import Progress
 from kdjax.training.rundir import RunDir, RunError
 from kdjax.training.state import Loss, Totals, batch_sharding, init_state, make_optimizer, update
@@ -147,7 +147,7 @@ def fit(cfg, task: Task, run: RunDir) -> dict:
         with jax.set_mesh(mesh):  # activations are constrained through the rule table on this mesh
             for step in range(start, tc.steps):
                 batch = task.batches(step, model_of(state))
-                new_state, metrics = step_fn(state, place_rows(batch.arrays, mesh), task.frozen)
+                new_state, metrics = call_compiled(step_fn, state, place_rows(batch.arrays, mesh), task.frozen)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 done = step + 1
                 if tc.check_finite:
