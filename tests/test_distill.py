@@ -141,7 +141,7 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
               "--config.data.test=4", "--config.train.steps=16", "--config.train.batch_size=8",
               "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
               "--config.kd.chunk_size=96", "--config.eval.num_samples=0", "--config.mesh.num_devices=1",
-              "--config.baseline=False"]
+              "--config.baseline=False", "--config.teacher_sft.steps=0", "--config.dtype=float32"]
     cmd = [sys.executable, "-m", "kdjax", "distill"] + common
 
     def run(out, *extra):

@@ -34,6 +34,7 @@ def args(setup, out, *extra):
             "--config.data.template=plain", "--config.data.max_length=24", "--config.data.valid=2",
             "--config.data.test=2", "--config.train.batch_size=4", "--config.train.log_every=1",
             "--config.eval.num_samples=0", "--config.mesh.num_devices=1", "--config.baseline=False",
+            "--config.teacher_sft.steps=0", "--config.dtype=float32",
             f"--config.out_dir={out}", *extra]
 
 

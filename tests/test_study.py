@@ -34,6 +34,7 @@ def test_study_runs_every_cell_and_seed_and_summarizes(tmp_path):
             "--config.data.template=plain", "--config.data.max_length=24", "--config.data.valid=2",
             "--config.data.test=4", "--config.train.steps=2", "--config.train.batch_size=4",
             "--config.eval.num_samples=4", "--config.eval.max_new_tokens=4", "--config.mesh.num_devices=1",
+            "--config.teacher_sft.steps=0", "--config.dtype=float32",
             f"--config.out_dir={tmp_path / 'study'}", "--grid=kd.kd_ratio=0,1 kd.divergence=forward_kl,reverse_kl",
             "--seeds=0,1"]
     proc = run_kdjax("study", *args)

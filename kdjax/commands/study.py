@@ -8,11 +8,14 @@ trained for the config's steps once per seed (train.seed: the data order), score
 prompts; cells that run the same training are merged (kd fields at kd_ratio 0). --resume skips
 the runs that finished. kdjax/training/study.py says the rest.
 """
+import os
+
 from absl import flags
 
+import kdjax.distill_config
 from kdjax.commands import train_flags
 
-train_flags.define_flags()
+train_flags.define_flags(os.path.abspath(kdjax.distill_config.__file__))  # the default job, as `kdjax distill`
 flags.DEFINE_string("grid", "kd.kd_ratio=0,1", "space-separated FIELD=V1,V2,... of config fields to vary")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "train.seed values: each cell runs once per seed")
 FLAG_MODULES = (train_flags, __import__(__name__))
