@@ -116,6 +116,8 @@ def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
     t0 = time.time()
     if not c.student:
         c.student = student_init(c)
+    if c.kd.kd_ratio == 0:  # the data's cross-entropy alone: the SFT baseline, no teacher to run
+        c = override(c, {"mode": "sft", "teacher": c.student})
     result = distill.train(c, overwrite=overwrite)
     ec = c.eval
     scores = evaluate.evaluate(result["student"], tokenizer, records, max_length=c.data.max_length,
