@@ -282,5 +282,8 @@ def test_unknown_sources_are_clear_errors(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"org-x/model-y: not a local path or preset.*local HF directory"):
         kdjax.load("org-x/model-y")
-    with pytest.raises(ValueError, match=r"unknown GGUF preset 'no-such-model'.*smollm2-135m-instruct"):
+    with pytest.raises(FileNotFoundError, match=r"no-such-model: no such model directory or file, and not a "
+                                                 r"preset name \(presets: smollm2-135m-instruct\)"):
         kdjax.load("no-such-model")
+    with pytest.raises(FileNotFoundError, match=r"missing.gguf: no such GGUF file"):
+        kdjax.load("missing.gguf")
