@@ -15,6 +15,8 @@ COMMANDS = {
     "convert": ("convert", "convert a checkpoint (HF dir, .gguf, kdjax, preset) to HF safetensors or kdjax"),
     "generate": ("generate", "generate text with the chat template applied"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
+    "teacher-cache": ("teacher_cache", "run the teacher once: store its top-K log-probs + tail mass for KD runs "
+                                       "(tensorstore); `verify DIR`"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),

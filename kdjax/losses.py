@@ -250,7 +250,7 @@ def _logsumexp_where(x, keep, tensor_axis=None):
     return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), _PAD_LOGP)
 
 
-def _support_mask(ids, v: int, offset=0):
+def support_mask(ids, v: int, offset=0):
     """[..., v] booleans: true at the columns offset .. offset + v - 1 that `ids` [..., K] name."""
     flat = ids.reshape(-1, ids.shape[-1]) - offset
     cols = jnp.where((flat >= 0) & (flat < v), flat, v)  # v is out of bounds: dropped
@@ -271,7 +271,7 @@ def top_k_teacher(t_logp, k: int):
         ids, logp = jnp.zeros((*t_logp.shape[:-1], 0), jnp.int32), t_logp[..., :0]
     else:
         logp, ids = lax.top_k(t_logp, k)
-    return ids.astype(jnp.int32), logp, _logsumexp_where(t_logp, ~_support_mask(ids, v))
+    return ids.astype(jnp.int32), logp, _logsumexp_where(t_logp, ~support_mask(ids, v))
 
 
 def _coarse_student(s_logp, ids, *, offset=0, valid=None, tensor_axis=None):
@@ -283,7 +283,7 @@ def _coarse_student(s_logp, ids, *, offset=0, valid=None, tensor_axis=None):
     if tensor_axis is not None:
         picked = lax.psum(picked, tensor_axis)  # each id lives on one shard
     picked = jnp.where(ids >= 0, picked, _PAD_LOGP)
-    outside = ~_support_mask(ids, v, offset)
+    outside = ~support_mask(ids, v, offset)
     if valid is not None:
         outside = outside & valid
     tail = _logsumexp_where(s_logp, outside, tensor_axis)
