@@ -209,7 +209,8 @@ def not_of_run(path: str, stored: dict, cfg, tokenizer, train_rows: dict, *, tea
     n = len(train_rows["input_ids"])
     if stored.get("complete"):
         why = mismatch(stored, cfg, tokenizer, train_rows, teacher=teacher)
-        lost = 0 if why else len(TeacherCache(path).missing(rows_read(cfg, n)))
+        held = open_arrays(path, stored)["rows"].read().result()
+        lost = 0 if why else len(np.setdiff1d(rows_read(cfg, n), held))
         return why or (f"it lacks {lost} of the rows train.steps={cfg.train.steps} batches of "
                        f"{cfg.train.batch_size} with train.seed={cfg.train.seed} read" if lost else None)
     why = mismatch(stored, cfg, tokenizer, train_rows, build=True, teacher=teacher)
@@ -348,6 +349,15 @@ def open_for(cfg, tokenizer, train_rows: dict) -> TeacherCache:
 
 
 # ---- building it ------------------------------------------------------------------------------------
+def draw(key, t_logp, top_ids, samples: int):
+    """`samples` tokens a position [..., S] drawn from the teacher t_logp [..., V] outside its top ids
+    [..., K] (from its whole distribution when K = 0), with replacement: their counts / S estimate
+    the teacher's tail, renormalised, without bias (pack_tokens turns them into weights)."""
+    tail = jnp.where(losses.support_mask(top_ids, t_logp.shape[-1]), -jnp.inf, t_logp)
+    drawn = jax.random.categorical(key, tail, axis=-1, shape=(samples, *tail.shape[:-1]))
+    return jnp.moveaxis(drawn, 0, -1).astype(jnp.int32)
+
+
 def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, *, graphdef, mesh, vocab, top_k,
                   samples, temperature, seed, packed):
     """The sparse teacher of P rows [P, T] (split over the mesh's "data" devices): ids [P, T, K + S]
@@ -361,11 +371,9 @@ def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, *, grap
             hr, row = xs
             t_logp = jax.nn.log_softmax(jnp.dot(hr, w, preferred_element_type=jnp.float32) / temperature, axis=-1)
             ids, logp, rest = losses.top_k_teacher(t_logp, top_k)
-            if samples:  # drawn from the teacher outside its top K (its whole distribution when K = 0)
+            if samples:
                 key = jax.random.fold_in(jax.random.PRNGKey(seed), row)
-                tail = jnp.where(losses.support_mask(ids, vocab), -jnp.inf, t_logp)
-                drawn = jax.random.categorical(key, tail, axis=-1, shape=(samples, tail.shape[0])).T
-                ids = jnp.concatenate([ids, drawn.astype(jnp.int32)], axis=-1)
+                ids = jnp.concatenate([ids, draw(key, t_logp, ids, samples)], axis=-1)
             return ids, logp, rest
         return jax.lax.map(one, (h, rows_index))
 
@@ -462,39 +470,43 @@ def build(cfg, out: str, *, overwrite: bool = False, prepared=None, log=print) -
 
 
 def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
-    c, writer = cfg.cache, jax.process_index() == 0
-    if stored is not None and stored.get("complete"):
-        log(f"teacher cache {out}: complete ({stored['cached_rows']} rows, {stored['bytes_per_token']:.0f} bytes "
-            f"a response token)")
-        return stored
+    """build() once `out` is checked: what is left of the store (its own K, dtype, rows, chunks when
+    it was begun earlier) is computed and written."""
+    writer = jax.process_index() == 0
+    if stored is not None:
+        done = open_arrays(out, stored)["done"].read().result()
+        if stored.get("complete") and done.all():
+            log(f"teacher cache {out}: complete ({stored['cached_rows']} rows, {stored['bytes_per_token']:.0f} "
+                f"bytes a response token)")
+            return stored
     local = jax.local_devices()
     mesh = make_mesh(len(local), 1, 1, devices=local)
     t0 = time.time()
     teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
     vocab = teacher.config.vocab_size
-    if c.top_k + c.samples > vocab:
-        raise ConfigError("cache.top_k", f"={c.top_k} (+ cache.samples={c.samples}) exceeds the teacher's "
-                                         f"vocabulary of {vocab}")
     attrs = stored or dict(describe(cfg, tokenizer, train, order), vocab_size=vocab)
+    top_k, samples, r = attrs["top_k"], attrs["samples"], attrs["chunk_rows"]
+    if top_k + samples > vocab:
+        raise ConfigError("cache.top_k", f"={top_k} (+ cache.samples={samples}) exceeds the teacher's "
+                                         f"vocabulary of {vocab}")
     if stored is None and writer:
         write_attrs(out, attrs)
         arrays = open_arrays(out, attrs, create=True)
         arrays["rows"].write(order).result()
     _barrier("kdjax teacher cache: created")
     arrays = open_arrays(out, attrs)
+    order = arrays["rows"].read().result()
     done = arrays["done"].read().result()
-    r, m = c.chunk_rows, len(order)
-    chunks = len(done)
+    m, chunks = len(order), len(done)
     mine = [i for i in range(chunks) if i % jax.process_count() == jax.process_index() and not done[i]]
     if done.any():
         log(f"teacher cache {out}: {int(done.sum())} of {chunks} chunks written earlier, continuing")
-    per_pass = c.batch_size * len(local)
+    per_pass = cfg.cache.batch_size * len(local)
     rows_sh = NamedSharding(mesh, P("data"))
     graphdef, params = nnx.split(teacher)
-    step = jax.jit(partial(_teacher_pass, graphdef=graphdef, mesh=mesh, vocab=vocab, top_k=c.top_k,
-                           samples=c.samples, temperature=float(cfg.kd.temperature), seed=c.seed,
-                           packed=bool(cfg.data.packing)))
-    dtype = DTYPES[c.dtype]
+    step = jax.jit(partial(_teacher_pass, graphdef=graphdef, mesh=mesh, vocab=vocab, top_k=top_k, samples=samples,
+                           temperature=attrs["temperature"], seed=attrs["seed"], packed=attrs["packing"]))
+    dtype = DTYPES[attrs["dtype"]]
     tokens, t_start = 0, time.time()
     for n_done, i in enumerate(mine, 1):
         lo, hi = i * r, min((i + 1) * r, m)
@@ -509,7 +521,7 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
                 got = step(params, put(pad.astype(np.int32)), put(rows["input_ids"]), put(rows["positions"]),
                            put(rows["segment_ids"]))
             ids, logp, rest = (np.asarray(x)[:len(take)] for x in got)
-            parts.append(pack_tokens(ids, logp, rest, rows["loss_mask"][:len(take)], c.top_k, c.samples, dtype))
+            parts.append(pack_tokens(ids, logp, rest, rows["loss_mask"][:len(take)], top_k, samples, dtype))
         ids, logp, rest = (np.concatenate(p) for p in zip(*parts))
         writes = [arrays["ids"][lo:hi].write(ids), arrays["logp"][lo:hi].write(logp),
                   arrays["log_rest"][lo:hi].write(rest)]
@@ -532,9 +544,9 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
                      bytes_per_token=size / max(n_tokens, 1),
                      seconds=round(time.time() - t0, 1))
         write_attrs(out, attrs)
-        log(f"teacher cache {out}: {m} rows, {n_tokens} response tokens, K={c.top_k}"
-            + (f" + {c.samples} drawn" if c.samples else "") + f", {attrs['bytes_per_token']:.0f} bytes a "
-            f"response token ({(4 + np.dtype(dtype).itemsize) * (c.top_k + c.samples) + 4} uncompressed), "
+        log(f"teacher cache {out}: {m} rows, {n_tokens} response tokens, K={top_k}"
+            + (f" + {samples} drawn" if samples else "") + f", {attrs['bytes_per_token']:.0f} bytes a "
+            f"response token ({(4 + np.dtype(dtype).itemsize) * (top_k + samples) + 4} uncompressed), "
             f"{time.time() - t0:.0f}s")
     _barrier("kdjax teacher cache: complete")
     return read_attrs(out)
