@@ -6,7 +6,7 @@ last whole chunk when the same command runs again; with --distributed every proc
 chunks. `verify DIR` measures what the cache loses against the live teacher, for each K it holds.
 
     kdjax teacher-cache --config=configs/NAME.py --config.cache.top_k=64 --out=DIR
-    kdjax teacher-cache verify DIR [--rows=8] [--student=runs/NAME/student]
+    kdjax teacher-cache verify DIR [--rows=8] [--k=16,64] [--student=runs/NAME/student]
 """
 from absl import app, flags
 
@@ -17,6 +17,7 @@ flags.DEFINE_string("out", None, "the store's directory (default: --config.kd.te
 flags.DEFINE_integer("rows", 8, "verify: the store's first rows to measure on", lower_bound=1)
 flags.DEFINE_string("student", None, "verify: the student whose loss and gradient are compared (default: the "
                     "config's student, or the teacher's student_layers)")
+flags.DEFINE_list("k", None, "verify: the top K' to measure (default: the powers of two below the store's K, and K)")
 FLAG_MODULES = (train_flags,)  # --config, --overwrite, --distributed
 FLAGS = flags.FLAGS
 
@@ -27,7 +28,7 @@ def main(argv):
         if len(argv) != 3:
             raise app.UsageError("kdjax teacher-cache verify DIR: one directory, the store to verify")
         from kdjax.training.cache_verify import verify
-        print("\n" + verify(argv[2], rows=FLAGS.rows, student=FLAGS.student)["table"], flush=True)
+        print("\n" + verify(argv[2], rows=FLAGS.rows, student=FLAGS.student, sizes=FLAGS.k)["table"], flush=True)
         return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; `verify DIR`, or only --flags to build a cache")

@@ -77,9 +77,10 @@ def kl_full_cached(t_logp: np.ndarray, sparse: dict, mask: np.ndarray) -> tuple[
     return float(np.mean(kls)), float(np.mean(tails))
 
 
-def verify(path: str, *, rows: int = 8, student: str | None = None, log=print) -> dict:
+def verify(path: str, *, rows: int = 8, student: str | None = None, sizes=None, log=print) -> dict:
     """The table of the module docstring for the store at `path` (checked against its own config and
-    data first); returns {"rows": [{"k", "kl", "tail", "dense", "sparse", "grad_rel_err", "grad_cos"}],
+    data first), for the top-K' prefixes `sizes` (default: support_sizes of its K); returns
+    {"rows": [{"support", "k", "bytes", "kl", "tail", "dense", "sparse", "grad_rel_err", "grad_cos"}],
     "table": markdown}."""
     cfg = config_of(path)
     if student:
@@ -107,7 +108,11 @@ def verify(path: str, *, rows: int = 8, student: str | None = None, log=print) -
                    static_argnums=3)
     dense, g_dense = grad(params, batch, nnx.to_pure_dict(nnx.state(teacher)), nnx.graphdef(teacher))
     g_dense = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g_dense)])
-    supports = [(f"top {k}", prefix(stored, k, cache.top_k)) for k in support_sizes(cache.top_k)]
+    sizes = support_sizes(cache.top_k) if sizes is None else [int(k) for k in sizes]
+    if any(not 0 < k <= cache.top_k for k in sizes):
+        raise teacher_cache.CacheError(f"--k={','.join(map(str, sizes))}: {path} holds the top {cache.top_k}; "
+                                       f"measure K' in 1 .. {cache.top_k}")
+    supports = [(f"top {k}", prefix(stored, k, cache.top_k)) for k in sizes]
     if cache.samples:
         supports.append((f"top {cache.top_k} + {cache.samples} drawn", stored))
     out = []
