@@ -169,15 +169,20 @@ def validation(cfg, tokenizer, splits, rows):
     return run
 
 
+def loss_of(cfg, model, teacher, mesh, tokenizer=None, cache=None):
+    """The KD loss of these models as the loop's step takes it: from `teacher`, or from the sparse
+    teacher each batch carries (`cache`, a teacher_cache.TeacherCache), or SFT when neither is given."""
+    vocab = cache.vocab_size if cache else None if teacher is None else shared_vocab(model, teacher, tokenizer)
+    return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
+                   nnx.graphdef(teacher), kd=cfg.kd, vocab_size=vocab, mesh=mesh if mesh.size > 1 else None,
+                   packed=bool(cfg.data.packing))
+
+
 def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None, cache=None) -> Task:
     """KD of `model` from `teacher`, or from a teacher cache (kdjax.training.teacher_cache), or SFT
     when neither is given, as the loop runs it; `batches` replaces the data rows (GKD's on-policy
     source)."""
-    graphdef = nnx.graphdef(model)
-    tgraph = None if teacher is None else nnx.graphdef(teacher)
-    vocab = cache.vocab_size if cache else None if teacher is None else shared_vocab(model, teacher, tokenizer)
-    loss = partial(kd_loss, graphdef=graphdef, teacher_graphdef=tgraph, kd=cfg.kd, vocab_size=vocab,
-                   mesh=mesh if mesh.size > 1 else None, packed=bool(cfg.data.packing))
+    loss = loss_of(cfg, model, teacher, mesh, tokenizer, cache)
     b, seed = cfg.train.batch_size, cfg.train.seed
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
                 batches=batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else

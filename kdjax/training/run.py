@@ -11,7 +11,7 @@ import jax
 
 from kdjax import evaluate, report
 from kdjax.checkpoint import load, save
-from kdjax.errors import ConfigError
+from kdjax.train_config import override
 from kdjax.training import distill, gkd, grpo, minillm, teacher_cache
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
@@ -35,8 +35,6 @@ def run(cfg, mode: str, *, overwrite: bool = False) -> str:
         rows.append((_label("after SFT", result["best"]), lambda: result["student"]))
         _evaluate_and_report(cfg, result, rows, teacher=None)
         return cfg.out_dir
-    if cfg.sweep.lr:
-        return run_sweep(cfg, mode, overwrite=overwrite)
     return run_kd(cfg, mode, overwrite=overwrite)
 
 
@@ -55,8 +53,8 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         teacher_cache.refuse_other(cfg, context["tokenizer"], context["rows"]["train"],
                                    teacher=not cfg.teacher_sft.steps)
     stages, kcfg = {}, cfg.copy_and_resolve_references()
-    tcfg = _teacher_sft_config(cfg)
-    bcfg = _stage_config(kcfg, "sft_baseline", mode="sft", student="")
+    tcfg = teacher_sft_config(cfg, os.path.join(cfg.out_dir, "teacher_sft"))
+    bcfg = _stage_config(kcfg, os.path.join(cfg.out_dir, "sft_baseline"), mode="sft", student="")
     # every stage's run directory is checked first (locked? an earlier run's checkpoints?), so a
     # conflict is reported at once, not after the stages before it have trained
     for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline)):
@@ -66,9 +64,9 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
         kcfg.teacher = stages["teacher SFT"]["export"]
     if kcfg.kd.teacher_cache:
-        stages["teacher cache"] = _cache_stage(kcfg, context, overwrite)
+        stages["teacher cache"] = cache_stage(kcfg, context, overwrite)
     if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
-        kcfg.student = _student_init(kcfg, overwrite)
+        kcfg.student = student_init(kcfg)
     stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
     if cfg.baseline:
         bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
@@ -90,6 +88,20 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     return cfg.out_dir
 
 
+def teacher_sft_config(cfg, out_dir: str):
+    """The teacher's fine-tuning stage of cfg: `kdjax sft` of cfg.teacher for teacher_sft.steps at
+    teacher_sft.lr on the same data, into out_dir."""
+    return _stage_config(cfg, out_dir, mode="sft", **{
+        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
+        "train.eval_every": 0, "train.select_best": "", "student": ""})
+
+
+def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
+    """Fine-tunes cfg.teacher as its teacher_sft section says (or takes a finished one with
+    cfg.resume); the HF directory of the fine-tuned teacher."""
+    return _stage(teacher_sft_config(cfg, out_dir), distill.train, "sft", overwrite)["export"]
+
+
 def _context(cfg) -> dict:
     """What the report (of a run whose training finished earlier: --resume) and the teacher cache
     need: distill.prepare's splits, tokenizer, rows and mesh."""
@@ -97,8 +109,10 @@ def _context(cfg) -> dict:
     return dict(splits=splits, tokenizer=tokenizer, rows=rows, mesh=mesh)
 
 
-def _cache_stage(cfg, context, overwrite: bool) -> dict:
-    """The teacher cache of cfg's KD stage at kd.teacher_cache (built, finished or found complete)."""
+def cache_stage(cfg, context, overwrite: bool = False) -> dict:
+    """The teacher cache of cfg's KD stage at kd.teacher_cache (built, finished or found complete),
+    as a stage of the report: where, build time, rows, K, bytes a response token. context: _context's
+    (or distill.prepare's splits, tokenizer, rows and mesh under those names)."""
     prepared = (context["splits"], context["tokenizer"], context["rows"], context["mesh"])
     attrs = teacher_cache.build(cfg.copy_and_resolve_references(), cfg.kd.teacher_cache, overwrite=overwrite,
                                 prepared=prepared)
@@ -106,24 +120,11 @@ def _cache_stage(cfg, context, overwrite: bool) -> dict:
                 top_k=attrs["top_k"], samples=attrs["samples"], bytes_per_token=round(attrs["bytes_per_token"], 1))
 
 
-def _teacher_sft_config(cfg):
-    """The teacher SFT stage's config (out_dir/teacher_sft)."""
-    return _stage_config(cfg, "teacher_sft", mode="sft", **{
-        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
-        "train.eval_every": 0, "train.select_best": "", "student": "", "sweep.lr": ""})
-
-
-def _stage_config(cfg, name: str, **fields):
-    """cfg for a stage that runs in out_dir/name, with `fields` ("train.lr": ...) changed."""
+def _stage_config(cfg, out_dir: str, **fields):
+    """cfg for a stage that runs in out_dir, with `fields` ("train.lr": ...) changed."""
     c = cfg.copy_and_resolve_references()
-    c.out_dir = os.path.join(cfg.out_dir, name)
-    for key, value in fields.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    c.out_dir = out_dir
+    return override(c, fields)
 
 
 def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
@@ -149,12 +150,13 @@ def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
     return info
 
 
-def _student_init(cfg, overwrite: bool) -> str:
-    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format."""
+def student_init(cfg) -> str:
+    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format
+    (with cfg.resume, the one the interrupted run started from)."""
     from kdjax.checkpoint import load_tokenizer
     path = os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
-        return path  # the one the interrupted run started from
+        return path
     teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
     student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                    param_dtype=cfg.param_dtype)
@@ -175,28 +177,19 @@ def _writer() -> bool:
     return jax.process_index() == 0
 
 
-def _score(cfg, result, rows) -> dict | None:
-    """{label: evaluate.evaluate(...)} of each (label, model getter) on the test prompts (None
-    when there are none to score)."""
-    ec, tokenizer = cfg.eval, result["tokenizer"]
-    records = distill.eval_records(result["splits"]["test"], tokenizer, cfg, ec.num_samples)
-    if not records:
-        return None
-    kw = dict(max_length=cfg.data.max_length, template=cfg.data.template, batch_size=ec.batch_size,
-              seeds=[int(s) for s in str(ec.seeds).split(",")], temperature=ec.temperature,
-              top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, log=lambda m: print(m, flush=True))
-    results = {}
-    for label, get in rows:
-        t0 = time.time()
-        results[label] = evaluate.evaluate(get(), tokenizer, records, **kw)
-        print(f"evaluated {label}: Rouge-L {results[label]['rougeL']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-    return results
-
-
 def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=None):
     """Scores each (label, model getter) on the test prompts; report.md / report.json / curves."""
-    results = _score(cfg, result, rows)
-    if results is not None:
+    ec, tokenizer = cfg.eval, result["tokenizer"]
+    records = distill.eval_records(result["splits"]["test"], tokenizer, cfg, ec.num_samples)
+    if records:
+        kw = dict(max_length=cfg.data.max_length, template=cfg.data.template, batch_size=ec.batch_size,
+                  seeds=[int(s) for s in str(ec.seeds).split(",")], temperature=ec.temperature,
+                  top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, log=lambda m: print(m, flush=True))
+        results = {}
+        for label, get in rows:
+            t0 = time.time()
+            results[label] = evaluate.evaluate(get(), tokenizer, records, **kw)
+            print(f"evaluated {label}: Rouge-L {results[label]['rougeL']:.2f} ({time.time() - t0:.0f}s)", flush=True)
         extra = {}
         if stages:
             extra["stages"] = {k: {f: v for f, v in s.items() if f != "result"} for k, s in stages.items()}
@@ -205,59 +198,6 @@ def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=Non
         table = report.table(results, teacher=teacher, out_dir=cfg.out_dir if _writer() else None, extra=extra)
         print("\n" + table, flush=True)
     _curves(cfg.out_dir)
-
-
-# ---- the paper's learning-rate sweep, from one teacher cache -------------------------------------------
-def run_sweep(cfg, mode: str, *, overwrite: bool = False) -> str:
-    """sweep.lr = "5e-4,1e-4,5e-5": `run_kd` once a learning rate, each in out_dir/lr<lr>, sharing one
-    teacher SFT stage, one student init and one teacher cache (kd.teacher_cache; "" = the live teacher
-    in every run); the teacher and the untrained student are scored once. Writes out_dir/sweep.md and
-    sweep.json: each run's Rouge-L, validation loss, retention and time, the cache's build time."""
-    try:
-        lrs = [(text.strip(), float(text)) for text in cfg.sweep.lr.split(",") if text.strip()]
-    except ValueError:
-        lrs = []
-    if not lrs or any(not lr > 0 for _, lr in lrs):
-        raise ConfigError("sweep.lr", f"={cfg.sweep.lr!r}: a comma list of learning rates > 0, e.g. 5e-4,1e-4,5e-5")
-    t0 = time.time()
-    CHECKS[mode](cfg)
-    context = _context(cfg)
-    base = cfg.copy_and_resolve_references()
-    base.sweep.lr = ""
-    shared = {}
-    if cfg.teacher_sft.steps:
-        shared["teacher SFT"] = _stage(_teacher_sft_config(cfg), distill.train, "sft", overwrite)
-        base.teacher, base.teacher_sft.steps = shared["teacher SFT"]["export"], 0
-    if base.kd.teacher_cache:
-        shared["teacher cache"] = _cache_stage(base, context, overwrite)
-    if not base.student:
-        base.student = _student_init(base, overwrite)
-    runs = {}
-    for text, lr in lrs:
-        rcfg = _stage_config(base, f"lr{text}", **{"train.lr": lr, "eval.before": False})
-        start = time.time()
-        run_kd(rcfg, mode, overwrite=overwrite)
-        runs[text] = dict(out_dir=rcfg.out_dir, seconds=round(time.time() - start, 1))
-        if os.path.exists(os.path.join(rcfg.out_dir, "report.json")):
-            with open(os.path.join(rcfg.out_dir, "report.json")) as f:
-                runs[text]["report"] = json.load(f)
-    before = [("teacher", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=context["mesh"])[0])]
-    if cfg.teacher_sft.steps:
-        before.append(("teacher after SFT", lambda: load(base.teacher, dtype=cfg.dtype, mesh=context["mesh"])[0]))
-    before.append(("student before training", lambda: load(base.student, dtype=cfg.dtype, mesh=context["mesh"])[0]))
-    scored = (_score(cfg, context, before) if cfg.eval.before else None) or {}
-    summary = dict(mode=mode, lrs=[t for t, _ in lrs], runs=runs, before=scored,
-                   shared={k: {f: v for f, v in s.items() if f != "result"} for k, s in shared.items()},
-                   seconds=round(time.time() - t0, 1))
-    table = report.sweep_table(summary, after=AFTER[mode], baseline=BASELINE,
-                               teacher="teacher after SFT" if cfg.teacher_sft.steps else "teacher")
-    if _writer():
-        with open(os.path.join(cfg.out_dir, "sweep.md"), "w") as f:
-            f.write(table)
-        with open(os.path.join(cfg.out_dir, "sweep.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    print("\n" + table, flush=True)
-    return cfg.out_dir
 
 
 def _report_grpo(cfg, result) -> str:
