@@ -53,40 +53,6 @@ def stages_table(stages: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep_table(summary: Mapping[str, Any], *, after: str, baseline: str, teacher: str) -> str:
-    """The table of a learning-rate sweep (kdjax.training.run.run_sweep's summary): the models scored
-    once, then each run's KD student (`after`, its report's label) and SFT baseline, with Rouge-L,
-    validation loss, retention against `teacher` and time (training stage; the whole run with its
-    evaluation); under it, the shared stages (the teacher cache) and the sweep's wall time."""
-    t_score = summary["before"].get(teacher, {}).get("rougeL")
-    lines = ["| model | lr | Rouge-L | Rouge-L unicode | val loss | retention % | training | run |",
-             "|---|---|---|---|---|---|---|---|"]
-
-    def row(name, lr, r, train_s=None, run_s=None):
-        ret = 100 * retention(r["rougeL"], t_score) if t_score and r.get("rougeL") is not None else None
-        secs = lambda x: "–" if x is None else f"{x:.0f} s"
-        lines.append(f"| {name} | {lr} | {_fmt(r.get('rougeL'), r.get('rougeL_std'))} | "
-                     f"{_fmt(r.get('rougeL_unicode'), r.get('rougeL_unicode_std'))} | {_fmt(r.get('loss'), digits=4)} | "
-                     f"{_fmt(ret, digits=1)} | {secs(train_s)} | {secs(run_s)} |")
-
-    for name, r in summary["before"].items():
-        row(name, "–", r)
-    for lr, run in summary["runs"].items():
-        rep = run.get("report", {})
-        results, stages = rep.get("results", {}), rep.get("stages", {})
-        for label in [k for k in results if k.startswith(after)] + [k for k in results if k == baseline]:
-            stage = stages.get(after if label.startswith(after) else baseline, {})
-            row(label, lr, results[label], stage.get("seconds"), run["seconds"] if label.startswith(after) else None)
-    text = "\n".join(lines) + "\n"
-    cache = summary["shared"].get("teacher cache")
-    if cache:
-        text += (f"\nteacher cache {cache['export']}: {cache['rows']} rows, K = {cache['top_k']}"
-                 + (f" + {cache['samples']} drawn" if cache["samples"] else "")
-                 + f", {cache['bytes_per_token']:.0f} bytes a response token, built in {cache['seconds']:.0f} s; "
-                   f"every run above read it (no teacher in memory).\n")
-    return text + f"\nthe sweep took {summary['seconds']:.0f} s in all.\n"
-
-
 def table(results: Mapping[str, Mapping[str, Any]], *, teacher: str | None = "teacher",
           out_dir: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
     """A markdown table of evaluation results, one row per model, in the given order.

@@ -119,11 +119,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.cache.batch_size = 4  # rows a device takes a teacher pass
     c.cache.seed = 0  # of the sampled tokens
 
-    # `kdjax distill`: one KD run a learning rate ("5e-4,1e-4"), each in out_dir/lr<lr>, from one student
-    # init and one teacher cache (kd.teacher_cache), then a table of the runs
-    c.sweep = ml_collections.ConfigDict()
-    c.sweep.lr = ""
-
     c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/training/minillm.py)
     c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)
     c.minillm.max_new_tokens = 64  # tokens sampled a prompt

@@ -64,7 +64,7 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
         kcfg.teacher = stages["teacher SFT"]["export"]
     if kcfg.kd.teacher_cache:
-        stages["teacher cache"] = cache_stage(kcfg, context, overwrite)
+        stages["teacher cache"] = _cache_stage(kcfg, context, overwrite)
     if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
         kcfg.student = student_init(kcfg)
     stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
@@ -109,7 +109,7 @@ def _context(cfg) -> dict:
     return dict(splits=splits, tokenizer=tokenizer, rows=rows, mesh=mesh)
 
 
-def cache_stage(cfg, context, overwrite: bool = False) -> dict:
+def _cache_stage(cfg, context, overwrite: bool = False) -> dict:
     """The teacher cache of cfg's KD stage at kd.teacher_cache (built, finished or found complete),
     as a stage of the report: where, build time, rows, K, bytes a response token. context: _context's
     (or distill.prepare's splits, tokenizer, rows and mesh under those names)."""
