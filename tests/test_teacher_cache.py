@@ -3,7 +3,7 @@ teacher's own top-K log-probs and tail mass (checked against the model's full lo
 drawn tokens estimate the teacher and the forward-KL gradient without bias; SIGKILL + rerun and 2
 processes give the arrays of one uninterrupted process; a half-written chunk is never read; a cache
 of another run is refused naming the field before any model loads; KD from a whole-vocabulary
-cache is KD from the teacher; verify's table; the sweep builds one cache and trains every run from it."""
+cache is KD from the teacher; verify's table; a study builds one cache and trains every run from it."""
 import json
 import os
 import shutil
@@ -21,9 +21,8 @@ import kdjax
 from kdjax import data, gguf_io, losses, train_config
 from kdjax.config import ModelConfig
 from kdjax.errors import ConfigError
-from kdjax.training import distill, models, teacher_cache
+from kdjax.training import distill, models, study, teacher_cache
 from kdjax.training.cache_verify import verify
-from kdjax.training.run import run
 from helpers import ROOT, launch, set_fields
 
 V = 300
@@ -162,8 +161,10 @@ def test_sigkill_then_rerun_gives_the_arrays_of_an_uninterrupted_build(setup, st
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "written earlier, continuing" in rerun.stdout
     assert_same_arrays(arrays(out), arrays(store))
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "complete" in again.stdout.splitlines()[-1]
+    said = []
+    teacher_cache.build(config(setup), str(out), log=said.append)  # complete: nothing to do
+    assert said == [f"teacher cache {out}: complete (16 rows, {teacher_cache.read_attrs(str(out))['bytes_per_token']:.0f} "
+                    f"bytes a response token)"]
 
 
 def test_a_half_written_chunk_is_never_read_and_a_rerun_makes_it_whole(setup, store, tmp_path):
@@ -272,39 +273,41 @@ def nnx_state(model):
     return nnx.to_pure_dict(nnx.state(model))
 
 
-def test_verify_measures_what_each_k_loses(full_store, store):
-    full = verify(str(full_store), rows=4, sizes=(8, 64, V), log=lambda m: None)
-    assert [r["k"] for r in full["rows"]] == [8, 64, V]
+def test_verify_measures_what_each_k_loses(full_store):
+    full = verify(str(full_store), rows=4, sizes=(8, V), log=lambda m: None)
+    assert [r["k"] for r in full["rows"]] == [8, V]
     kl, tail = [r["kl"] for r in full["rows"]], [r["tail"] for r in full["rows"]]
-    assert all(a >= b - 1e-7 for a, b in zip(kl, kl[1:])) and kl[0] > 1e-3 and tail[0] > 1e-2
+    assert kl[0] > 1e-3 and tail[0] > 1e-2
     last = full["rows"][-1]
     assert abs(last["kl"]) < 1e-6 and last["tail"] < 1e-6
     assert abs(last["sparse"] - last["dense"]) < 1e-5 * abs(last["dense"])
     assert last["grad_rel_err"] < 1e-4 and last["grad_cos"] > 1 - 1e-6
     assert full["rows"][0]["grad_rel_err"] > 10 * last["grad_rel_err"]  # K = 8 of 300 does lose something
-    small = verify(str(store), rows=4, log=lambda m: None)
-    assert [r["k"] for r in small["rows"]] == [8] and small["rows"][0]["bytes"] == 6 * 8 + 4
-    assert "| top 8 | 52 |" in small["table"] and "bfloat16" in small["table"]
+    assert full["rows"][0]["bytes"] == (4 + 4) * 8 + 4  # int32 ids + float32 log-probs, + the tail
+    assert "| top 8 | 68 |" in full["table"] and "float32" in full["table"]
+    with pytest.raises(teacher_cache.CacheError, match=f"--k=8,{V + 1}: .* holds the top {V}"):
+        verify(str(full_store), rows=4, sizes=(8, V + 1), log=lambda m: None)
 
 
-def test_the_sweep_builds_one_cache_from_the_fine_tuned_teacher_and_trains_every_run_from_it(setup, tmp_path,
-                                                                                             capsys):
-    out = tmp_path / "sweep"
-    c = config(setup, out, **{"sweep.lr": "1e-2,3e-3", "kd.teacher_cache": str(out / "cache"),
-                              "teacher_sft.steps": 1, "eval.num_samples": 2, "eval.max_new_tokens": 4,
-                              "mesh.num_devices": 1})
-    run(c, "distill")
+def test_a_study_builds_one_cache_from_the_fine_tuned_teacher_and_trains_every_run_from_it(setup, tmp_path,
+                                                                                            capsys, monkeypatch):
+    out = tmp_path / "study"
+    opened, open_for = [], teacher_cache.open_for
+    monkeypatch.setattr(teacher_cache, "open_for", lambda cfg, *a: opened.append(cfg.kd.teacher_cache) or
+                        open_for(cfg, *a))
+    c = config(setup, out, **{"kd.teacher_cache": str(out / "cache"), "teacher_sft.steps": 1,
+                              "eval.num_samples": 1, "eval.max_new_tokens": 2, "mesh.num_devices": 1})
+    study.run_study(c, {"train.lr": [1e-2, 3e-3]}, [0])
     printed = capsys.readouterr().out
-    assert printed.count("teacher cache: chunk 1/") == 1  # built once, at the start
-    assert printed.count(f"teacher cache {out / 'cache'}: complete (16 rows") == 2  # then read by both runs
+    assert printed.count("teacher cache: chunk 1/") == 1  # built once, before the first run
+    assert opened == [str(out / "cache")] * 2  # then read by every run
     attrs = teacher_cache.read_attrs(str(out / "cache"))
-    assert attrs["teacher"] == str(out / "teacher_sft" / "sft")  # of the teacher the students learn from
-    summary = json.load(open(out / "sweep.json"))
-    assert summary["lrs"] == ["1e-2", "3e-3"] and set(summary["before"]) == {"teacher", "teacher after SFT",
-                                                                            "student before training"}
-    losses_of = {lr: [json.loads(line)["loss"] for line in open(out / f"lr{lr}" / "metrics.jsonl")]
-                 for lr in summary["lrs"]}
-    assert losses_of["1e-2"][0] == pytest.approx(losses_of["3e-3"][0], rel=1e-6)  # one start, one cache
-    assert losses_of["1e-2"][1] != pytest.approx(losses_of["3e-3"][1], rel=1e-4)  # then the lr shows
-    table = (out / "sweep.md").read_text()
-    assert table.count("| student after KD |") == 2 and "built in" in table and "retention" in table
+    assert attrs["teacher"] == str(out / "teacher-0" / "sft")  # of the teacher the students learn from
+    assert attrs["cached_rows"] == 32  # every training row: each seed's order finds its rows
+    runs = json.load(open(out / "study.json"))["runs"]
+    first = {(r["cell"]["train.lr"], r["seed"]): [json.loads(line)["loss"] for line in
+                                                   open(os.path.join(r["out_dir"], "metrics.jsonl"))] for r in runs}
+    assert first[1e-2, 0][0] == pytest.approx(first[3e-3, 0][0], rel=1e-6)  # one start, one cache
+    assert first[1e-2, 0][1] != pytest.approx(first[3e-3, 0][1], rel=1e-4)  # then the lr shows
+    table = (out / "study.md").read_text()
+    assert table.count("| train.lr=") == 2 and f"teacher cache {out / 'cache'}" in table and "built in" in table

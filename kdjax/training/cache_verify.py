@@ -88,6 +88,10 @@ def verify(path: str, *, rows: int = 8, student: str | None = None, sizes=None, 
     _, tokenizer, data_rows, _ = distill.prepare(cfg)
     train = data_rows["train"]
     cache = teacher_cache.open_for(cfg, tokenizer, train)
+    sizes = support_sizes(cache.top_k) if sizes is None else [int(k) for k in sizes]
+    if any(not 0 < k <= cache.top_k for k in sizes):
+        raise teacher_cache.CacheError(f"--k={','.join(map(str, sizes))}: {path} holds the top {cache.top_k}; "
+                                       f"measure K' in 1 .. {cache.top_k}")
     idx = cache.order[:rows]
     batch = {k: jnp.asarray(train[k][idx]) for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     stored = cache.read(idx)
@@ -108,10 +112,6 @@ def verify(path: str, *, rows: int = 8, student: str | None = None, sizes=None, 
                    static_argnums=3)
     dense, g_dense = grad(params, batch, nnx.to_pure_dict(nnx.state(teacher)), nnx.graphdef(teacher))
     g_dense = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g_dense)])
-    sizes = support_sizes(cache.top_k) if sizes is None else [int(k) for k in sizes]
-    if any(not 0 < k <= cache.top_k for k in sizes):
-        raise teacher_cache.CacheError(f"--k={','.join(map(str, sizes))}: {path} holds the top {cache.top_k}; "
-                                       f"measure K' in 1 .. {cache.top_k}")
     supports = [(f"top {k}", prefix(stored, k, cache.top_k)) for k in sizes]
     if cache.samples:
         supports.append((f"top {cache.top_k} + {cache.samples} drawn", stored))

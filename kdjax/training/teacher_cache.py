@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kdjax import data as kdata
 from kdjax import losses
 from kdjax.errors import ConfigError, UserError
-from kdjax.sharding import make_mesh
+from kdjax.sharding import barrier, make_mesh
 
 FORMAT = 1
 ATTR = "kdjax_teacher_cache"
@@ -423,12 +423,6 @@ class _Lock:
         self.file.close()
 
 
-def _barrier(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def build(cfg, out: str, *, overwrite: bool = False, prepared=None, log=print) -> dict:
     """Writes the teacher cache of cfg's KD run into `out`, or finishes a killed build (the same
     command again), or finds it complete; returns its attributes. A store of another run in `out`
@@ -455,14 +449,14 @@ def build(cfg, out: str, *, overwrite: bool = False, prepared=None, log=print) -
                 raise CacheError(f"{out} holds a teacher cache of another run: {why}. Use another --out, or "
                                  f"--overwrite to build it again")
             if why:
-                _barrier("kdjax teacher cache: checked")
+                barrier("teacher cache: checked")
                 if writer:
                     for name in os.listdir(out):
                         if name != ".lock":
                             p = os.path.join(out, name)
                             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
                 stored = None
-        _barrier("kdjax teacher cache: ready")
+        barrier("teacher cache: ready")
         return _build(cfg, out, stored, tokenizer, train, order, log, load_frozen)
     finally:
         if lock:
@@ -493,7 +487,7 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
         write_attrs(out, attrs)
         arrays = open_arrays(out, attrs, create=True)
         arrays["rows"].write(order).result()
-    _barrier("kdjax teacher cache: created")
+    barrier("teacher cache: created")
     arrays = open_arrays(out, attrs)
     order = arrays["rows"].read().result()
     done = arrays["done"].read().result()
@@ -533,7 +527,7 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
         left = (len(mine) - n_done) * (time.time() - t_start) / n_done
         log(f"teacher cache: chunk {i + 1}/{chunks} (rows {hi}/{m}), {rate:.0f} response tokens/s, "
             f"ETA {left:.0f}s")
-    _barrier("kdjax teacher cache: written")
+    barrier("teacher cache: written")
     if writer:
         done = arrays["done"].read().result()
         if not done.all():
@@ -548,5 +542,5 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
             + (f" + {samples} drawn" if samples else "") + f", {attrs['bytes_per_token']:.0f} bytes a "
             f"response token ({(4 + np.dtype(dtype).itemsize) * (top_k + samples) + 4} uncompressed), "
             f"{time.time() - t0:.0f}s")
-    _barrier("kdjax teacher cache: complete")
+    barrier("teacher cache: complete")
     return read_attrs(out)
