@@ -15,6 +15,7 @@ from kdjax.train_config import override
 from kdjax.training import distill, gkd, grpo, minillm, teacher_cache
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
+from kdjax.training.state import config_mesh
 
 TRAINERS = {"distill": distill.train, "gkd": gkd.train, "minillm": minillm.train}
 CHECKS = {"distill": distill.check_config, "gkd": gkd.check_config, "minillm": minillm.check_config}
@@ -157,7 +158,11 @@ def student_init(cfg) -> str:
     path = os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
         return path
-    teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
+    # placed on the run's mesh: on several processes each then holds its part of one global array,
+    # which is what saving it takes (an array on one device is out of reach of the others)
+    mesh = config_mesh(cfg, cfg.train.batch_size // cfg.train.grad_accum, "train.batch_size / train.grad_accum")
+    teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype,
+                              mesh=mesh)
     student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                    param_dtype=cfg.param_dtype)
     save(student, path, format="kdjax", tokenizer=tokenizer or load_tokenizer(cfg.teacher))
