@@ -18,6 +18,8 @@ COMMANDS = {
     "generate": ("generate", "generate text with the chat template applied"),
     "plan": ("plan", "compile a command's programs for a TPU slice on this CPU: fits?, GiB a chip, roofline MFU"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
+    "teacher-cache": ("teacher_cache", "run the teacher once: store its top-K log-probs + tail mass for KD runs "
+                                       "(tensorstore); `verify DIR`"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),

@@ -739,16 +739,23 @@ def steps_per_epoch(rows: Rows, batch_size: int) -> int:
     return n // batch_size
 
 
-def batch_at(rows: Rows, step: int, *, batch_size: int, seed: int, shuffle: bool = True) -> Rows:
-    """The batch of global step `step` (0-based): a pure function of (rows, step, batch_size, seed).
+def batch_indices(n: int, step: int, *, batch_size: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """The row indices [batch_size] of global step `step` (0-based) over n rows: a pure function
+    of (n, step, batch_size, seed).
 
-    Epoch e = step // steps_per_epoch uses the permutation of numpy's PCG64 seeded with (seed, e);
+    Epoch e = step // (n // batch_size) uses the permutation of numpy's PCG64 seeded with (seed, e);
     the last rows of an epoch that do not fill a batch are left out of that epoch only."""
-    per_epoch = steps_per_epoch(rows, batch_size)
-    epoch, k = divmod(int(step), per_epoch)
-    n = len(rows["input_ids"])
+    if n < batch_size:
+        raise ValueError(f"{n} rows cannot fill one batch of batch_size={batch_size}; lower batch_size or "
+                         f"add data")
+    epoch, k = divmod(int(step), n // batch_size)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    idx = order[k * batch_size:(k + 1) * batch_size]
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def batch_at(rows: Rows, step: int, *, batch_size: int, seed: int, shuffle: bool = True) -> Rows:
+    """The batch of global step `step`: the rows `batch_indices` names."""
+    idx = batch_indices(len(rows["input_ids"]), step, batch_size=batch_size, seed=seed, shuffle=shuffle)
     return {key: value[idx] for key, value in rows.items()}
 
 

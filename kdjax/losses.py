@@ -23,6 +23,14 @@ Three layers, one source of truth:
    (custom_vjp, nothing recomputed), vocabulary sharded over the mesh's "tensor" axis.
    [B, T, V] logits are never built.
 Everything is in log space (log_softmax, logaddexp mixtures) and accumulated in fp32.
+
+A sparse teacher (the offline cache, kdjax.training.teacher_cache) is K token ids a position with
+their log-probs and the log of the teacher's mass outside them (the tail). Every divergence then
+runs on K + 1 bins: the support, and one tail bucket that holds the student's mass outside the
+support against the teacher's tail mass (`coarse_student`, `coarse_teacher`). The same per-token
+functions apply, so these are true divergences (>= 0, 0 when student = teacher) and with K = V
+(an empty tail) they are the dense ones. `sparse_distill_loss` on plain logits is the reference of
+`chunked_sparse_distill_loss`, which is chunked and vocabulary-sharded like the dense path.
 """
 from __future__ import annotations
 
@@ -226,6 +234,97 @@ def _check_kd_ratio(kd_ratio):
                          "(loss = kd_ratio * divergence + (1 - kd_ratio) * cross-entropy)")
 
 
+# ---------------------------------------------------------------- sparse teacher: support + tail
+
+def _logsumexp_where(x, keep, tensor_axis=None):
+    """log sum exp(x) over the last axis where `keep`, across the vocabulary shards of
+    `tensor_axis`; _PAD_LOGP where nothing is kept. Gradients stay finite (no log(0), no inf - inf)."""
+    x = jnp.where(keep, x, -jnp.inf)
+    m = jnp.max(lax.stop_gradient(x), axis=-1)
+    if tensor_axis is not None:
+        m = lax.pmax(m, tensor_axis)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    s = jnp.sum(jnp.exp(x - m[..., None]), axis=-1)
+    if tensor_axis is not None:
+        s = lax.psum(s, tensor_axis)
+    return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), _PAD_LOGP)
+
+
+def support_mask(ids, v: int, offset=0):
+    """[..., v] booleans: true at the columns offset .. offset + v - 1 that `ids` [..., K] name."""
+    flat = ids.reshape(-1, ids.shape[-1]) - offset
+    cols = jnp.where((flat >= 0) & (flat < v), flat, v)  # v is out of bounds: dropped
+    mask = jnp.zeros((flat.shape[0], v), bool).at[jnp.arange(flat.shape[0])[:, None], cols].set(True, mode="drop")
+    return mask.reshape(*ids.shape[:-1], v)
+
+
+def top_k_teacher(t_logp, k: int):
+    """The sparse teacher of full log-probs t_logp [..., V]: (ids [..., k] int32, their log-probs
+    [..., k] in descending order, log of the mass outside them [...] (_PAD_LOGP when none is
+    left)). The tail is summed over the columns left out, not taken as 1 - sum(top k), so a tail of
+    1e-9 keeps its digits."""
+    v = t_logp.shape[-1]
+    if not 0 <= k <= v:
+        raise ValueError(f"k={k}: the support size must be in [0, {v}] (the vocabulary)")
+    t_logp = t_logp.astype(jnp.float32)
+    if k == 0:
+        ids, logp = jnp.zeros((*t_logp.shape[:-1], 0), jnp.int32), t_logp[..., :0]
+    else:
+        logp, ids = lax.top_k(t_logp, k)
+    return ids.astype(jnp.int32), logp, _logsumexp_where(t_logp, ~support_mask(ids, v))
+
+
+def _coarse_student(s_logp, ids, *, offset=0, valid=None, tensor_axis=None):
+    """coarse_student on this shard's columns offset .. offset + v - 1 of the vocabulary."""
+    v = s_logp.shape[-1]
+    local = ids - offset
+    here = (ids >= 0) & (local >= 0) & (local < v)
+    picked = jnp.where(here, jnp.take_along_axis(s_logp, jnp.where(here, local, 0), axis=-1), 0.0)
+    if tensor_axis is not None:
+        picked = lax.psum(picked, tensor_axis)  # each id lives on one shard
+    picked = jnp.where(ids >= 0, picked, _PAD_LOGP)
+    outside = ~support_mask(ids, v, offset)
+    if valid is not None:
+        outside = outside & valid
+    tail = _logsumexp_where(s_logp, outside, tensor_axis)
+    return jnp.concatenate([picked, tail[..., None]], axis=-1)
+
+
+def coarse_student(s_logp, ids):
+    """The student on a sparse teacher's bins: [..., K + 1] log-probs, s_logp at the K ids
+    (_PAD_LOGP in an empty slot, id < 0), then the log of the student's mass outside them (the
+    tail bucket). s_logp [..., V] log-probs; ids [..., K] distinct token ids."""
+    return _coarse_student(s_logp, ids)
+
+
+def coarse_teacher(logp, log_tail, ids):
+    """A sparse teacher as [..., K + 1] log-probs: its log-probs on the K ids (any float dtype; an
+    empty slot, id < 0, gets none), then the log of its tail mass [...]. Renormalised to sum to 1
+    (bf16 / fp16 storage rounds each value), so every divergence on the bins stays >= 0."""
+    logp = jnp.where(ids >= 0, logp.astype(jnp.float32), _PAD_LOGP)
+    tail = jnp.maximum(jnp.asarray(log_tail, jnp.float32), _PAD_LOGP)[..., None]
+    x = jnp.concatenate([jnp.maximum(logp, _PAD_LOGP), tail], axis=-1)
+    return x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
+
+
+def sparse_distill_loss(student_logits, ids, logp, log_tail, targets, mask=None, *, divergence="forward_kl",
+                        temperature=1.0, kd_ratio=1.0, beta=0.5, alpha=0.1, scaled=False):
+    """KD from a sparse teacher on plain logits -> (loss, metrics), the reference of
+    `chunked_sparse_distill_loss`: kd_ratio * divergence on the K + 1 bins (coarse_student of the
+    student at `temperature`, coarse_teacher) + (1 - kd_ratio) * cross-entropy (T = 1), each a
+    mean over unmasked tokens. student_logits [B, T, V]; ids, logp [B, T, K] (the teacher at the
+    temperature it was cached at); log_tail [B, T]; targets, mask [B, T]."""
+    _check_temperature(temperature)
+    _check_kd_ratio(kd_ratio)
+    fn = per_token_divergence(divergence, beta=beta, alpha=alpha, scaled=scaled)
+    s_logp = _log_probs(student_logits, temperature)
+    kd = _masked_mean(fn(coarse_student(s_logp, ids), coarse_teacher(logp, log_tail, ids)), mask)
+    ce = cross_entropy(student_logits, targets, mask)
+    n = jnp.sum(jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool))
+    loss = kd_ratio * kd + (1 - kd_ratio) * ce
+    return loss, {"loss": loss, "kd_loss": kd, "ce_loss": ce, "num_tokens": n}
+
+
 # ---------------------------------------------------------------- chunked, vocabulary-sharded
 
 def _sharded_log_softmax(logits, valid, tensor_axis):
@@ -254,13 +353,14 @@ def _varying(x, axes):
 
 
 def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temperature,
-                 kd_ratio, vocab_size, chunk, tensor_axis, token_axes):
+                 kd_ratio, vocab_size, chunk, tensor_axis, token_axes, sparse=False):
     """One device's pass over its tokens, `chunk` at a time.
 
     s_h [n, Ds], s_w [Ds, v] (this device's vocabulary columns), targets/mask [n] with n a
-    multiple of `chunk`, teacher () or (t_h [n, Dt], t_w [Dt, v]). Returns the sums over all
-    devices (loss_sum, kd_sum, ce_sum, count); with_grad also (d loss_sum / d s_h [n, Ds],
-    d loss_sum / d s_w [Ds, v] fp32) for this device's shard.
+    multiple of `chunk`, teacher () or (t_h [n, Dt], t_w [Dt, v]) or, sparse, (ids [n, K], logp
+    [n, K], log_tail [n]) of every token. Returns the sums over all devices (loss_sum, kd_sum,
+    ce_sum, count); with_grad also (d loss_sum / d s_h [n, Ds], d loss_sum / d s_w [Ds, v] fp32)
+    for this device's shard.
 
     With gradients, each chunk's logit gradient comes from autodiff of the same per-token
     functions and goes straight into the two head matmuls (the fused-linear pattern): nothing
@@ -270,37 +370,44 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     offset = lax.axis_index(tensor_axis) * v if tensor_axis is not None else 0
     cols = offset + jnp.arange(v)
     valid = cols < vocab_size
-    t_w = teacher[1] if teacher else None
+    t_w = teacher[1] if teacher and not sparse else None
 
     def vsum(x):  # sum of per-shard partial sums over the vocabulary
         return lax.psum(x, tensor_axis) if tensor_axis is not None else x
 
-    def chunk_sums(s_logits, t_logits, tg, m):
-        """(loss_sum, (kd_sum, ce_sum)) of one chunk from its fp32 logits [c, v]."""
+    def kd_per_token(s_logp, t):
+        """The divergence of each token of the chunk [c], whole on every vocabulary shard."""
+        if sparse:  # on the K + 1 bins; the student's support and tail are gathered across shards
+            ids, logp, log_tail = t
+            return per_token(_coarse_student(s_logp, ids, offset=offset, valid=valid, tensor_axis=tensor_axis),
+                             coarse_teacher(logp, log_tail, ids))
+        return vsum(per_token(s_logp, _sharded_log_softmax(t / temperature, valid, tensor_axis)))
+
+    def chunk_sums(s_logits, t, tg, m):
+        """(loss_sum, (kd_sum, ce_sum)) of one chunk from its fp32 logits [c, v] and its teacher
+        (fp32 logits [c, v], or the sparse teacher's rows)."""
         s_logp1 = _sharded_log_softmax(s_logits, valid, tensor_axis)
         hit = cols[None, :] == tg[:, None]
         ce = -vsum(jnp.sum(jnp.where(hit, s_logp1, 0.0), axis=-1))
         ce_sum = jnp.sum(jnp.where(m, ce, 0.0))
-        if t_logits is None:
+        if t is None:
             return ce_sum, (jnp.zeros_like(ce_sum), ce_sum)
-        t_logp = _sharded_log_softmax(t_logits / temperature, valid, tensor_axis)
         s_logp = (s_logp1 if temperature == 1 else
                   _sharded_log_softmax(s_logits / temperature, valid, tensor_axis))
-        kd_sum = jnp.sum(jnp.where(m, vsum(per_token(s_logp, t_logp)), 0.0))
+        kd_sum = jnp.sum(jnp.where(m, kd_per_token(s_logp, t), 0.0))
         # Static ends: no backward through a term whose weight is 0.
         loss = (kd_sum if kd_ratio == 1 else ce_sum if kd_ratio == 0 else
                 kd_ratio * kd_sum + (1 - kd_ratio) * ce_sum)
         return loss, (kd_sum, ce_sum)
 
     def body(dw, xs):
-        sh, tg, m, th = xs
+        sh, tg, m, tx = xs
         s_logits = jnp.dot(sh, s_w, preferred_element_type=jnp.float32)
-        t_logits = None if t_w is None else jnp.dot(th, t_w, preferred_element_type=jnp.float32)
+        t = tx if sparse or t_w is None else jnp.dot(tx, t_w, preferred_element_type=jnp.float32)
         if not with_grad:
-            loss, (kd, ce) = chunk_sums(s_logits, t_logits, tg, m)
+            loss, (kd, ce) = chunk_sums(s_logits, t, tg, m)
             return dw, (loss, kd, ce)
-        loss, vjp, (kd, ce) = jax.vjp(lambda z: chunk_sums(z, t_logits, tg, m), s_logits,
-                                      has_aux=True)
+        loss, vjp, (kd, ce) = jax.vjp(lambda z: chunk_sums(z, t, tg, m), s_logits, has_aux=True)
         (dz,) = vjp(jnp.ones_like(loss))
         dz = dz.astype(s_w.dtype)
         dsh = vsum(jnp.dot(dz, s_w.T, preferred_element_type=jnp.float32))
@@ -310,7 +417,8 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     def chunks(x):
         return x.reshape(n // chunk, chunk, *x.shape[1:])
 
-    xs = (chunks(s_h), chunks(targets), chunks(mask), chunks(teacher[0]) if teacher else None)
+    tx = (tuple(map(chunks, teacher)) if sparse else chunks(teacher[0])) if teacher else None
+    xs = (chunks(s_h), chunks(targets), chunks(mask), tx)
     dw = None
     if with_grad:
         dw = jnp.zeros(s_w.shape, jnp.float32)
@@ -384,9 +492,11 @@ def _layout(n: int, vocab: int, chunk_size: int, mesh):
     return token_axes, tensor_axis, chunk, tokens, head
 
 
-def _chunked(s_h, s_w, t_h, t_w, targets, mask, *, per_token, temperature, kd_ratio,
-             vocab_size, chunk_size, mesh, normalizer):
-    """Shared machinery: flatten, pad, (shard_map), scan over chunks -> (loss, metrics)."""
+def _chunked(s_h, s_w, teacher, targets, mask, *, per_token, temperature, kd_ratio,
+             vocab_size, chunk_size, mesh, normalizer, sparse=False):
+    """Shared machinery: flatten, pad, (shard_map), scan over chunks -> (loss, metrics).
+    teacher: None (cross-entropy only), (t_h [B, T, Dt], t_w [Dt, Vt]), or with `sparse`
+    (ids [B, T, K], logp [B, T, K], log_tail [B, T])."""
     _check_temperature(temperature)
     _check_kd_ratio(kd_ratio)
     if chunk_size < 1:
@@ -394,22 +504,33 @@ def _chunked(s_h, s_w, t_h, t_w, targets, mask, *, per_token, temperature, kd_ra
     b, t = s_h.shape[:2]
     if targets.shape != (b, t) or mask.shape != (b, t):
         raise ValueError(f"targets {targets.shape} and mask {mask.shape} must be [B, T] = {(b, t)}")
+    t_w = None if teacher is None or sparse else teacher[1]
     vocab = _shared_vocab(s_w.shape[1], None if t_w is None else t_w.shape[1], vocab_size)
     token_axes, tensor_axis, chunk, tokens, head = _layout(b * t, vocab, chunk_size, mesh)
 
+    # The teacher is a fixed target: no gradients into it.
+    if teacher is None:
+        t_args, t_specs = (), ()
+    elif sparse:
+        ids, logp, log_tail = teacher
+        t_args = (tokens(ids.astype(jnp.int32)), tokens(lax.stop_gradient(logp)),
+                  tokens(lax.stop_gradient(jnp.asarray(log_tail, jnp.float32))))
+        t_specs = (P(token_axes, None), P(token_axes, None), P(token_axes))
+    else:
+        t_args = (tokens(lax.stop_gradient(teacher[0])), head(lax.stop_gradient(t_w)))
+        t_specs = (P(token_axes, None), P(None, tensor_axis))
     args = (tokens(s_h), head(s_w), tokens(targets.astype(jnp.int32)),
-            tokens(jnp.asarray(mask).astype(bool)),
-            # The teacher is a fixed target: no gradients into it.
-            () if t_w is None else (tokens(lax.stop_gradient(t_h)), head(lax.stop_gradient(t_w))))
+            tokens(jnp.asarray(mask).astype(bool)), t_args)
 
     def run(with_grad, *parts):
         fn = functools.partial(_device_pass, with_grad=with_grad, per_token=per_token,
                                temperature=temperature, kd_ratio=kd_ratio, vocab_size=vocab,
-                               chunk=chunk, tensor_axis=tensor_axis, token_axes=token_axes)
+                               chunk=chunk, tensor_axis=tensor_axis, token_axes=token_axes,
+                               sparse=sparse)
         if mesh is None:
             return fn(*parts)
         tok, voc = P(token_axes, None), P(None, tensor_axis)
-        in_specs = (tok, voc, P(token_axes), P(token_axes), (tok, voc) if parts[4] else ())
+        in_specs = (tok, voc, P(token_axes), P(token_axes), t_specs)
         sums_spec = (P(), P(), P(), P())
         out_specs = (sums_spec, (tok, voc)) if with_grad else sums_spec
         placed = jax.tree.map(lambda x, spec: constrain(x, spec, mesh), parts, in_specs)
@@ -438,7 +559,7 @@ def _chunked(s_h, s_w, t_h, t_w, targets, mask, *, per_token, temperature, kd_ra
     denom = jnp.maximum(count, 1.0) if normalizer is None else jnp.asarray(normalizer, jnp.float32)
     loss, kd, ce = loss_sum / denom, kd_sum / denom, ce_sum / denom
     metrics = {"loss": loss, "ce_loss": ce, "num_tokens": count}
-    if t_w is not None:
+    if teacher is not None:
         metrics["kd_loss"] = kd
     return loss, metrics
 
@@ -475,10 +596,37 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
         raise ValueError(f"teacher_hidden {teacher_hidden.shape} and student_hidden "
                          f"{student_hidden.shape} must share [B, T]")
     per_token = per_token_divergence(divergence, beta=beta, alpha=alpha, scaled=scaled)
-    return _chunked(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask,
+    return _chunked(student_hidden, student_head, (teacher_hidden, teacher_head), targets, mask,
                     per_token=per_token, temperature=temperature, kd_ratio=kd_ratio,
                     vocab_size=vocab_size, chunk_size=chunk_size, mesh=mesh,
                     normalizer=normalizer)
+
+
+def chunked_sparse_distill_loss(student_hidden, student_head, ids, logp, log_tail, targets, mask, *,
+                                divergence="forward_kl", temperature=1.0, kd_ratio=1.0, beta=0.5, alpha=0.1,
+                                scaled=False, vocab_size=None, chunk_size=1024, mesh=None, normalizer=None):
+    """KD from a sparse teacher (a cache: K ids a token, their log-probs, the log tail mass) from
+    hidden states and the output head, chunked over tokens and vocabulary-sharded exactly as
+    `chunked_distill_loss`; no teacher model. Matches `sparse_distill_loss` on the full logits.
+
+    student_hidden [B, T, Ds], student_head [Ds, Vs]; ids [B, T, K] int (distinct a token, -1 for
+    an empty slot), logp [B, T, K] (bf16 / fp16 / fp32: the teacher at the temperature it was
+    cached at, which must be `temperature`), log_tail [B, T]; targets, mask [B, T]. The divergence
+    runs on K + 1 bins a token (the support and the tail bucket); on each vocabulary shard the
+    student's log-probs at the ids it holds and its mass outside the support are summed across
+    the "tensor" axis, so the [c, V] chunk is the only vocabulary-sized array. vocab_size: the
+    vocabulary the cache covers (the student's head is cut to it). Returns (loss, metrics) with
+    "loss", "kd_loss", "ce_loss", "num_tokens".
+    """
+    _check_head("student_hidden", student_hidden, "student_head", student_head)
+    b, t = student_hidden.shape[:2]
+    if ids.shape[:2] != (b, t) or logp.shape != ids.shape or jnp.shape(log_tail) != (b, t):
+        raise ValueError(f"ids {ids.shape}, logp {logp.shape} must be [B, T, K] and log_tail "
+                         f"{jnp.shape(log_tail)} [B, T] with [B, T] = {(b, t)}")
+    per_token = per_token_divergence(divergence, beta=beta, alpha=alpha, scaled=scaled)
+    return _chunked(student_hidden, student_head, (ids, logp, log_tail), targets, mask, per_token=per_token,
+                    temperature=temperature, kd_ratio=kd_ratio, vocab_size=vocab_size, chunk_size=chunk_size,
+                    mesh=mesh, normalizer=normalizer, sparse=True)
 
 
 def chunked_cross_entropy(hidden, head, targets, mask, *, vocab_size=None, chunk_size=1024,
@@ -489,7 +637,7 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, vocab_size=None, chunk
     "loss", "ce_loss", "num_tokens". Matches `cross_entropy` on the full logits.
     """
     _check_head("hidden", hidden, "head", head)
-    return _chunked(hidden, head, None, None, targets, mask, per_token=None, temperature=1.0,
+    return _chunked(hidden, head, None, targets, mask, per_token=None, temperature=1.0,
                     kd_ratio=0.0, vocab_size=vocab_size, chunk_size=chunk_size, mesh=mesh,
                     normalizer=normalizer)
 

@@ -106,6 +106,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.beta = 0.5
     c.kd.alpha = 0.1
     c.kd.chunk_size = 512
+    # a store of `kdjax teacher-cache` (kdjax/training/teacher_cache.py): KD from the teacher's cached top-K
+    # log-probs + tail mass, no teacher in memory; the pipeline builds it there first when it is missing
+    c.kd.teacher_cache = ""
+
+    c.cache = ml_collections.ConfigDict()  # `kdjax teacher-cache`: what the teacher cache stores
+    c.cache.top_k = 64  # the teacher's K most likely tokens a position (ids int32 + log-probs)
+    c.cache.samples = 0  # + tokens drawn from the teacher (beyond the top K: from its tail), unbiased
+    c.cache.dtype = "bfloat16"  # the stored log-probs: bfloat16, float16 or float32
+    c.cache.rows = "run"  # "run": the rows train.steps batches read; "all": every training row
+    c.cache.chunk_rows = 16  # rows a stored chunk: the unit written atomically and resumed from
+    c.cache.batch_size = 4  # rows a device takes a teacher pass
+    c.cache.seed = 0  # of the sampled tokens
 
     c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/training/minillm.py)
     c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)

@@ -1,5 +1,6 @@
 """Helpers shared by the trainer tests (no tests here)."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,3 +17,29 @@ def run_kdjax(*args, timeout=600):
     """`python -m kdjax ARGS` from the repository root; the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, "-m", "kdjax", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, n: int, *args, timeout=900):
+    """`python -c script PROCESS_ID N ARGS` in n processes on localhost (8 / n simulated CPU devices
+    each, $COORDINATOR set for jax.distributed); their outputs, in process order."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(n), *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-4000:]
+        outs.append(out)
+    return outs

@@ -5,9 +5,6 @@ each process places only its own rows of a batch, and together they place all of
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +12,8 @@ import pytest
 import kdjax
 from kdjax import checkpoint, data, gguf_io
 from kdjax.config import ModelConfig
+from helpers import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One process of a run: its id, the process count, then the trainer and its config fields as JSON.
 WORKER = r"""
@@ -66,31 +63,6 @@ rows = sorted({int(r) for s in placed.addressable_shards for r in np.asarray(s.d
 mine = sharding.process_rows(mesh, 16)
 print("ROWS=" + json.dumps({"process": pid, "rows": rows, "slice": [mine.start, mine.stop]}), flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script, n: int, *args, timeout=900):
-    """`script` in n processes (8 / n simulated CPU devices each); their outputs, in process order."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(n), *args], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err[-4000:]
-        outs.append(out)
-    return outs
 
 
 @pytest.fixture(scope="module")

@@ -415,3 +415,217 @@ def test_chunked_temp_memory_is_flat_in_sequence_length():
     # The chunked one grows at most by a few hidden-sized buffers (d hidden), never by logits.
     assert c2 - c1 <= 4 * hidden_bytes < 0.15 * logits_bytes, (c1, c2)
     assert c2 < n1 / 2
+
+
+# ---------------------------------------------------------------- sparse teacher: support + tail bucket
+
+def ref_sparse(name, zs, ids, t_sup, t_tail, mask, temperature, targets, kd_ratio, **kw):
+    """Loss and d loss / d student logits, float64, token by token: the divergence on the bins
+    (the valid ids, then the tail), the cached teacher renormalised over them; the gradient chained
+    from the bins to the vocabulary (a tail bin's share goes to every token outside the support in
+    proportion to the student's mass there) and through the log-softmax."""
+    zs = np.asarray(zs, np.float64)
+    lead, v = zs.shape[:-1], zs.shape[-1]
+    s_all = np_log_softmax(zs / temperature)
+    d_tok, dz = np.zeros(lead), np.zeros(zs.shape)
+    for i in np.ndindex(lead):
+        s, q = s_all[i], np.exp(s_all[i])
+        keep = np.asarray(ids[i]) >= 0
+        sup = np.asarray(ids[i])[keep]
+        outside = np.ones(v, bool)
+        outside[sup] = False
+        t = np.append(np.asarray(t_sup[i], np.float64)[keep], float(t_tail[i]))
+        t = t - np.log(np.exp(t).sum())
+        s_bins = np.append(s[sup], np.log(q[outside].sum()))
+        d, g = ref_per_token(name, s_bins[None], t[None], **kw)
+        grad = np.zeros(v)  # d divergence / d student log-probs
+        grad[sup] = g[0, :-1]
+        grad[outside] = g[0, -1] * q[outside] / q[outside].sum()
+        d_tok[i], dz[i] = d[0], (grad - q * grad.sum()) / temperature
+    m = np.asarray(mask, np.float64)
+    n = max(m.sum(), 1.0)
+    kd, dkd = (m * d_tok).sum() / n, m[..., None] * dz / n
+    s1 = np_log_softmax(zs)
+    onehot = np.eye(v)[targets]
+    ce = (m * -(s1 * onehot).sum(-1)).sum() / n
+    dce = m[..., None] * (np.exp(s1) - onehot) / n
+    return kd_ratio * kd + (1 - kd_ratio) * ce, kd_ratio * dkd + (1 - kd_ratio) * dce, kd
+
+
+def random_support(rng, lead, v, k, empty=2):
+    """Distinct ids [..., k], not the top of anything, with `empty` slots of -1 in each token."""
+    ids = np.stack([rng.permutation(v)[:k] for _ in range(int(np.prod(lead)))]).reshape(*lead, k)
+    ids[..., :empty] = -1
+    return ids.astype(np.int32)
+
+
+def sparse_inputs(seed, b=3, t=5, v=120, k=9, temperature=2.0):
+    rng = np.random.default_rng(seed)
+    zs, zt = random_logits(rng, (b, t, v)), random_logits(rng, (b, t, v))
+    t_logp = np_log_softmax(zt.astype(np.float64) / temperature)
+    ids = random_support(rng, (b, t), v, k)
+    t_sup = np.take_along_axis(t_logp, np.maximum(ids, 0), -1)
+    outside = np.ones((b, t, v), bool)
+    for i in np.ndindex(b, t):
+        outside[i][ids[i][ids[i] >= 0]] = False
+    t_tail = np.log((np.exp(t_logp) * outside).sum(-1))
+    return dict(zs=zs, zt=zt, ids=ids, logp=t_sup.astype(np.float32), log_tail=t_tail.astype(np.float32),
+                targets=rng.integers(0, v, (b, t)), mask=random_mask(rng, b, t))
+
+
+@pytest.mark.parametrize("name,kw", [CASES[0], CASES[1], CASES[3], CASES[7], CASES[8], CASES[9]],
+                         ids=[CASE_IDS[i] for i in (0, 1, 3, 7, 8, 9)])
+def test_sparse_reference_gradient_matches_finite_differences(name, kw):
+    x = sparse_inputs(20, b=2, t=1, v=9, k=4)
+    mask = np.array([[True], [True]])
+    args = (x["ids"], x["logp"], x["log_tail"], mask, 1.7, x["targets"], 0.6)
+    _, dz, _ = ref_sparse(name, x["zs"], *args, **kw)
+    zs = x["zs"].astype(np.float64)
+    h, fd = 1e-6, np.zeros_like(zs)
+    for i in np.ndindex(zs.shape):
+        e = np.zeros_like(zs)
+        e[i] = h
+        fd[i] = (ref_sparse(name, zs + e, *args, **kw)[0] - ref_sparse(name, zs - e, *args, **kw)[0]) / (2 * h)
+    np.testing.assert_allclose(dz, fd, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_sparse_value_and_grad_match_numpy(name, kw):
+    x = sparse_inputs(21)
+    f = lambda z: losses.sparse_distill_loss(z, x["ids"], x["logp"], x["log_tail"], x["targets"], x["mask"],
+                                             divergence=name, temperature=2.0, kd_ratio=0.7, **kw)
+    (val, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(x["zs"]))
+    ref_val, ref_grad, ref_kd = ref_sparse(name, x["zs"], x["ids"], x["logp"], x["log_tail"], x["mask"], 2.0,
+                                           x["targets"], 0.7, **kw)
+    assert_close(val, ref_val, 1e-5, "value")
+    assert_close(metrics["kd_loss"], ref_kd, 1e-5, "kd")
+    assert_close(grad, ref_grad, 1e-4, "grad")
+    assert np.all(np.asarray(grad)[0] == 0)  # the fully masked row
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_sparse_with_the_whole_vocabulary_is_the_dense_loss(name, kw):
+    """K = V, in any order: the tail is empty and every divergence is the dense one."""
+    rng = np.random.default_rng(22)
+    b, t, v = 2, 5, 150
+    zs, zt = random_logits(rng, (b, t, v)), random_logits(rng, (b, t, v))
+    targets, mask = rng.integers(0, v, (b, t)), random_mask(rng, b, t)
+    ids = np.stack([rng.permutation(v) for _ in range(b * t)]).reshape(b, t, v).astype(np.int32)
+    t_logp = jax.nn.log_softmax(jnp.asarray(zt) / 2.0)
+    logp = jnp.take_along_axis(t_logp, ids, -1)
+    top = losses.top_k_teacher(t_logp, v)
+    assert float(jnp.max(top[2])) < -1e29  # nothing left outside: the tail bucket is empty
+    common = dict(divergence=name, temperature=2.0, kd_ratio=0.7, **kw)
+    dense = jax.value_and_grad(lambda z: losses.distill_loss(z, zt, targets, mask, **common)[0])(zs)
+    for support in ((ids, logp, jnp.full((b, t), -jnp.inf)), top):
+        sparse = jax.value_and_grad(lambda z: losses.sparse_distill_loss(z, *support, targets, mask, **common)[0])(zs)
+        assert_close(sparse[0], dense[0], 1e-6, "value")
+        assert_close(sparse[1], dense[1], 1e-6, "grad")
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_sparse_divergence_is_zero_for_the_teacher_and_positive_otherwise(name, kw):
+    rng = np.random.default_rng(23)
+    zs, zt = random_logits(rng, (2, 4, 60)), random_logits(rng, (2, 4, 60))
+    for k in (1, 8, 59):
+        own = losses.top_k_teacher(jax.nn.log_softmax(jnp.asarray(zs)), k)
+        other = losses.top_k_teacher(jax.nn.log_softmax(jnp.asarray(zt)), k)
+        fn = lambda support: float(losses.sparse_distill_loss(zs, *support, np.zeros((2, 4), int),
+                                                              divergence=name, **kw)[0])
+        assert abs(fn(own)) < 1e-6, k
+        assert fn(other) > 1e-3, k
+
+
+def test_top_k_teacher_and_the_coarse_bins():
+    rng = np.random.default_rng(24)
+    t_logp = np_log_softmax(rng.standard_normal((3, 40)) * 4)
+    ids, logp, log_tail = losses.top_k_teacher(jnp.asarray(t_logp, jnp.float32), 5)
+    order = np.argsort(-t_logp, -1)[:, :5]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(logp, np.take_along_axis(t_logp, order, -1), rtol=1e-6)
+    rest = np.exp(t_logp).sum(-1) - np.exp(np.take_along_axis(t_logp, order, -1)).sum(-1)
+    np.testing.assert_allclose(np.exp(log_tail), rest, rtol=1e-5)
+    # a tiny tail keeps its digits: summed over the rest, not 1 - sum(top k)
+    peaked = np.full((1, 40), -30.0)
+    peaked[0, 3] = 0.0
+    _, _, tiny = losses.top_k_teacher(jnp.asarray(np_log_softmax(peaked), jnp.float32), 1)
+    assert float(tiny[0]) == pytest.approx(-30.0 + np.log(39), abs=1e-4)
+    s = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((3, 40)), jnp.float32))
+    bins = losses.coarse_student(s, jnp.asarray(np.where(np.arange(5) < 2, -1, order), jnp.int32))
+    assert bins.shape == (3, 6) and np.all(np.asarray(bins[:, :2]) < -1e29)
+    np.testing.assert_allclose(np.exp(bins[:, 2:]).sum(-1), 1.0, rtol=1e-5)  # the support + the tail: all mass
+
+
+SPARSE_MESHES = [(None, FEW), ((1, 1, 8), CASES), ((2, 2, 2), CASES)]
+
+
+def run_sparse_chunked(x, mesh_shape, settings):
+    """[(loss, metrics, d hidden, d head)] of the chunked sparse loss for each settings dict."""
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+
+    def all_settings(h, w):
+        out = []
+        for kw in settings:
+            def f(h, w):
+                return losses.chunked_sparse_distill_loss(h, w, x["ids"], x["logp"], x["log_tail"], x["targets"],
+                                                          x["mask"], vocab_size=VOCAB, chunk_size=4, mesh=mesh, **kw)
+            (val, metrics), (dh, dw) = jax.value_and_grad(f, (0, 1), has_aux=True)(h, w)
+            out.append((val, metrics, dh, dw))
+        return out
+
+    args = (x["student_hidden"], x["student_head"])
+    return jax.jit(all_settings).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+def sparse_chunked_inputs(seed, k=12, dtype=np.float32):
+    """Student hidden / head as the dense chunked tests, a sparse teacher with K ids a token
+    (two empty slots) whose log-probs are stored in `dtype`."""
+    x = chunked_inputs(seed)
+    rng = np.random.default_rng(seed + 100)
+    zt = (x["teacher_hidden"].astype(np.float64) @ x["teacher_head"][:, :VOCAB].astype(np.float64))
+    t_logp = np_log_softmax(zt / 2.0)
+    ids = random_support(rng, (B, T), VOCAB, k)
+    ids[0, 0, 2:] = np.argsort(-t_logp[0, 0])[:k - 2]  # one token holds its real top ids
+    outside = np.ones(t_logp.shape, bool)
+    for i in np.ndindex(B, T):
+        outside[i][ids[i][ids[i] >= 0]] = False
+    x.update(ids=ids, logp=np.take_along_axis(t_logp, np.maximum(ids, 0), -1).astype(dtype),
+             log_tail=np.log((np.exp(t_logp) * outside).sum(-1)).astype(np.float32))
+    return x
+
+
+@pytest.mark.parametrize("mesh_shape,cases", SPARSE_MESHES, ids=[str(m) for m, _ in SPARSE_MESHES])
+def test_chunked_sparse_matches_numpy_on_meshes(mesh_shape, cases):
+    x = sparse_chunked_inputs(30)
+    settings = [dict(kw, divergence=name, temperature=2.0, kd_ratio=0.7) for name, kw in cases]
+    h, w = x["student_hidden"].astype(np.float64), x["student_head"].astype(np.float64)
+    for kw, (val, metrics, dh, dw) in zip(settings, run_sparse_chunked(x, mesh_shape, settings)):
+        kw = dict(kw)
+        name, temperature, kd_ratio = kw.pop("divergence"), kw.pop("temperature"), kw.pop("kd_ratio")
+        ref_val, dz, ref_kd = ref_sparse(name, h @ w[:, :VOCAB], x["ids"], x["logp"], x["log_tail"], x["mask"],
+                                         temperature, x["targets"], kd_ratio, **kw)
+        ref_dw = np.zeros_like(w)
+        ref_dw[:, :VOCAB] = h.reshape(-1, DS).T @ dz.reshape(-1, VOCAB)
+        what = f"{mesh_shape} {name} {kw}"
+        assert_close(val, ref_val, 1e-5, f"loss {what}")
+        assert_close(metrics["kd_loss"], ref_kd, 1e-5, f"kd_loss {what}")
+        assert int(metrics["num_tokens"]) == x["mask"].sum()
+        assert_close(dh, dz @ w[:, :VOCAB].T, 1e-4, f"d student_hidden {what}")
+        assert_close(dw, ref_dw, 1e-4, f"d student_head {what}")
+
+
+def test_chunked_sparse_is_a_divergence_on_a_mesh_from_bf16_storage():
+    """The student's own top K, stored in bf16: 0 on every shard layout; another teacher: > 0."""
+    x = sparse_chunked_inputs(31, dtype=jnp.bfloat16)
+    mesh = make_mesh(2, 2, 2)
+    h, w = jnp.asarray(x["student_hidden"]), jnp.asarray(x["student_head"])
+    own = losses.top_k_teacher(jax.nn.log_softmax((h @ w[:, :VOCAB]) / 2.0), 12)
+    rounded = (own[0], own[1].astype(jnp.bfloat16), own[2])
+    loss = jax.jit(lambda support, div: losses.chunked_sparse_distill_loss(
+        h, w, *support, x["targets"], x["mask"], divergence=div, temperature=2.0, vocab_size=VOCAB, chunk_size=4,
+        mesh=mesh)[0], static_argnums=1)
+    for div in ("forward_kl", "reverse_kl", "total_variation"):
+        assert abs(float(loss(own, div))) < 1e-6, div
+        bound = 1e-3 if div == "total_variation" else 1e-4  # bf16 rounding of the stored log-probs
+        assert 0 <= float(loss(rounded, div)) < bound, div
+        assert float(loss((x["ids"], x["logp"], x["log_tail"]), div)) > 1e-2, div

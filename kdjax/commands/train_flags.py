@@ -12,15 +12,17 @@ DEFAULT_CONFIG = os.path.abspath(kdjax.train_config.__file__)
 FLAGS = flags.FLAGS
 
 
-def define_flags(default_config: str = DEFAULT_CONFIG):
-    """--config (default: `default_config`), --resume, --overwrite, --distributed (+ its coordinator
-    flags); one training command a process."""
+def define_flags(default_config: str = DEFAULT_CONFIG, *, resume: bool = True):
+    """--config (default: `default_config`), --resume (unless `resume` is False), --overwrite,
+    --distributed (+ its coordinator flags); one training command a process."""
     config_flags.DEFINE_config_file(
         "config", default_config, "experiment config file (configs/NAME.py); override fields with --config.x=y")
-    flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in the config's out_dir (refused when "
-                      "the stored config differs in a field that changes the result)")
+    if resume:
+        flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in the config's out_dir (refused "
+                          "when the stored config differs in a field that changes the result)")
     flags.DEFINE_bool("overwrite", False, "start over in an out_dir that holds an earlier run's checkpoints "
-                      "(deletes them, its best model, metrics and report)")
+                      "(deletes them, its best model, metrics and report), and build again a teacher cache "
+                      "(kd.teacher_cache, teacher-cache --out) that holds another run's")
     flags.DEFINE_bool("distributed", False, "several processes (a TPU pod slice, GPU hosts, or CPU processes): "
                       "jax.distributed.initialize() first; every process runs the same command. On TPU VMs "
                       "the coordinator is found alone; elsewhere give --coordinator, --num_processes, "

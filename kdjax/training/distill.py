@@ -3,7 +3,9 @@
 Loss (kdjax.losses.chunked_distill_loss): kd_ratio * divergence(student || teacher at the
 temperature) + (1 - kd_ratio) * cross-entropy on the data, per response token of the global batch;
 SFT is the cross-entropy alone. Batches: `batch_at(rows, step)` of the tokenized data (one sequence
-a row, or packed rows with `data.packing`).
+a row, or packed rows with `data.packing`). With `kd.teacher_cache` the teacher is not loaded: each
+batch carries the teacher's cached sparse distribution of its rows (kdjax.training.teacher_cache)
+and the divergence runs on its support plus a tail bucket (losses.chunked_sparse_distill_loss).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from kdjax import losses
 from kdjax.errors import ConfigError
 from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_steps
 from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, shared_vocab)
+from kdjax.sharding import process_rows
+from kdjax.training import teacher_cache
 from kdjax.training.rundir import RunDir
 from kdjax.training.state import config_mesh
 
@@ -46,6 +50,10 @@ def check_config(cfg):
             raise ConfigError(f"kd.{name}", f"={kd[name]}: must be in [0, 1]")
     if kd.chunk_size < 1:
         raise ConfigError("kd.chunk_size", f"={kd.chunk_size}: must be >= 1")
+    if kd.teacher_cache and cfg.mode not in ("distill", "sft"):
+        raise ConfigError("kd.teacher_cache", f"={kd.teacher_cache!r}: `kdjax {cfg.mode}` scores the student's own "
+                                              f"samples, which no cache holds; the cache is for kdjax distill")
+    teacher_cache.check_config(cfg)
     check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
 
 
@@ -99,6 +107,21 @@ class RowBatches:
         return Batch(rows, tokens=rows["input_ids"].size)
 
 
+class CachedBatches(RowBatches):
+    """The rows of step s (as RowBatches) with the cached teacher of each, rows["teacher"] =
+    {"ids", "logp", "log_tail"}; a process reads only the rows its devices hold."""
+
+    def __init__(self, rows, batch_size: int, seed: int, cache: teacher_cache.TeacherCache, mesh):
+        super().__init__(rows, batch_size, seed)
+        self.cache, self.mine = cache, process_rows(mesh, batch_size)
+
+    def __call__(self, step, model=None) -> Batch:
+        idx = kdata.batch_indices(self.examples, step, batch_size=self.batch_size, seed=self.seed)
+        rows = {k: v[idx] for k, v in self.data.items()}
+        rows["teacher"] = self.cache.read(idx, self.mine)
+        return Batch(rows, tokens=rows["input_ids"].size)
+
+
 def token_totals(rows) -> dict:
     """The KD / SFT normaliser: response tokens of the whole batch."""
     return {"tokens": jnp.maximum(jnp.sum(rows["loss_mask"]), 1.0)}
@@ -107,10 +130,16 @@ def token_totals(rows) -> dict:
 def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef, kd, vocab_size, mesh,
             packed=False):
     """Response-token loss of one micro-batch: the sum over its tokens / the batch's token count.
-    Without a teacher (teacher_graphdef None): SFT's cross-entropy."""
+    With rows["teacher"] (a cached sparse teacher): KD from it; else without a teacher
+    (teacher_graphdef None): SFT's cross-entropy."""
     h, head = hidden_and_head(graphdef, params, rows, packed=packed)
     common = dict(vocab_size=vocab_size, chunk_size=kd.chunk_size, mesh=mesh, normalizer=totals["tokens"])
-    if teacher_graphdef is None:
+    if "teacher" in rows:
+        t = rows["teacher"]
+        loss, metrics = losses.chunked_sparse_distill_loss(
+            h, head, t["ids"], t["logp"], t["log_tail"], rows["targets"], rows["loss_mask"], divergence=kd.divergence,
+            temperature=kd.temperature, kd_ratio=kd.kd_ratio, beta=kd.beta, alpha=kd.alpha, **common)
+    elif teacher_graphdef is None:
         loss, metrics = losses.chunked_cross_entropy(h, head, rows["targets"], rows["loss_mask"], **common)
     else:
         th, thead = jax.tree.map(jax.lax.stop_gradient,
@@ -140,20 +169,24 @@ def validation(cfg, tokenizer, splits, rows):
     return run
 
 
-def loss_of(cfg, model, teacher, mesh, tokenizer=None):
-    """The KD (or, without a teacher, SFT) loss of these models, as the loop's step takes it."""
+def loss_of(cfg, model, teacher, mesh, tokenizer=None, cache=None):
+    """The KD loss of these models as the loop's step takes it: from `teacher`, or from the sparse
+    teacher each batch carries (`cache`, a teacher_cache.TeacherCache), or SFT when neither is given."""
+    vocab = cache.vocab_size if cache else None if teacher is None else shared_vocab(model, teacher, tokenizer)
     return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
-                   nnx.graphdef(teacher), kd=cfg.kd, vocab_size=None if teacher is None else
-                   shared_vocab(model, teacher, tokenizer), mesh=mesh if mesh.size > 1 else None,
+                   nnx.graphdef(teacher), kd=cfg.kd, vocab_size=vocab, mesh=mesh if mesh.size > 1 else None,
                    packed=bool(cfg.data.packing))
 
 
-def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None) -> Task:
-    """KD of `model` from `teacher` (SFT when teacher is None) as the loop runs it; `batches`
-    replaces the data rows (GKD's on-policy source)."""
-    loss = loss_of(cfg, model, teacher, mesh, tokenizer)
+def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None, cache=None) -> Task:
+    """KD of `model` from `teacher`, or from a teacher cache (kdjax.training.teacher_cache), or SFT
+    when neither is given, as the loop runs it; `batches` replaces the data rows (GKD's on-policy
+    source)."""
+    loss = loss_of(cfg, model, teacher, mesh, tokenizer, cache)
+    b, seed = cfg.train.batch_size, cfg.train.seed
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
-                batches=batches or RowBatches(rows["train"], cfg.train.batch_size, cfg.train.seed),
+                batches=batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else
+                                    RowBatches(rows["train"], b, seed)),
                 frozen=None if teacher is None else nnx.to_pure_dict(nnx.state(teacher)), evaluate=evaluate)
 
 
@@ -177,15 +210,25 @@ def train(cfg, *, overwrite: bool = False) -> dict:
     {"student", "teacher" (None for SFT), "tokenizer", "splits", "rows", "mesh", "best", ...}."""
     splits, tokenizer, rows, mesh = prepare(cfg)
     resolve_steps(cfg, len(rows["train"]["input_ids"]))
+    cache = None
+    if cfg.mode != "sft" and cfg.kd.teacher_cache:  # checked against this run before any model loads
+        cache = teacher_cache.open_for(cfg, tokenizer, rows["train"])
     run = RunDir(cfg, overwrite=overwrite)
     try:
         if cfg.mode == "sft":
             teacher, (model, _) = None, load_trained(cfg.teacher, cfg, mesh)
+        elif cache:  # no teacher in memory; it is loaded only to cut the student from its layers
+            teacher = None
+            model = load_student(cfg, None if cfg.student else load_frozen(cfg.teacher, cfg, mesh)[0], tokenizer,
+                                 mesh)
+            if model.config.vocab_size < cache.vocab_size:
+                raise ConfigError("student", f"={cfg.student!r} has {model.config.vocab_size} vocabulary columns, the "
+                                             f"teacher cache {cache.path} {cache.vocab_size}: they must share them")
         else:
             teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
             model = load_student(cfg, teacher, tokenizer, mesh)
         evaluate = validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
-        result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate), run)
+        result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate, cache=cache), run)
     finally:
         run.close()
     return dict(student=result["model"], last=result["last"], teacher=teacher, tokenizer=tokenizer, splits=splits,

@@ -37,13 +37,12 @@ class OnPolicyBatches:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.pad = kdata.pad_id(tokenizer)
         self.pool = examples
-        self.index = {"input_ids": np.arange(len(examples))[:, None]}  # rows = example indices
         self.examples, self.rows = len(examples), cfg.train.batch_size
-        kdata.steps_per_epoch(self.index, cfg.train.batch_size)
+        kdata.batch_indices(len(examples), 0, batch_size=cfg.train.batch_size, seed=0)  # one batch fills?
 
     def __call__(self, step, model) -> Batch:
         cfg, width = self.cfg, self.cfg.data.max_length
-        idx = kdata.batch_at(self.index, step, batch_size=cfg.train.batch_size, seed=cfg.train.seed)["input_ids"][:, 0]
+        idx = kdata.batch_indices(len(self.pool), step, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
         picked = [self.pool[i] for i in idx]
         if not on_policy(cfg, step):
             rows = kdata.pack(picked, width, pad_id=self.pad)

@@ -73,13 +73,15 @@ def load_trained(src: str, cfg, mesh):
 
 
 def load_student(cfg, teacher, tokenizer, mesh):
-    """The KD student: the checkpoint `cfg.student`, or the teacher's `student_layers`."""
+    """The KD student: the checkpoint `cfg.student`, or the teacher's `student_layers` (teacher None:
+    only a checkpoint, whose vocabulary is then not checked against a teacher)."""
     if cfg.student:
         student, _ = load_trained(cfg.student, cfg, mesh)
     else:
         student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                        param_dtype=cfg.param_dtype, remat=cfg.remat)
-    shared_vocab(student, teacher, tokenizer)
+    if teacher is not None:
+        shared_vocab(student, teacher, tokenizer)
     return student
 
 

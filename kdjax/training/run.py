@@ -12,9 +12,10 @@ import jax
 from kdjax import evaluate, report
 from kdjax.checkpoint import load, save
 from kdjax.train_config import override
-from kdjax.training import distill, gkd, grpo, minillm
+from kdjax.training import distill, gkd, grpo, minillm, teacher_cache
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
+from kdjax.training.state import config_mesh
 
 TRAINERS = {"distill": distill.train, "gkd": gkd.train, "minillm": minillm.train}
 CHECKS = {"distill": distill.check_config, "gkd": gkd.check_config, "minillm": minillm.check_config}
@@ -44,9 +45,14 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     [baseline: the same student, from the same weights, fine-tuned on the same rows for the same
     steps and lr without a teacher] -> the report of them all, each stage's budget beside it.
     Every stage has its own run directory under out_dir, so `--resume` continues the stage that
-    was running and skips the finished ones."""
+    was running and skips the finished ones. With kd.teacher_cache the KD stage reads the teacher
+    from that store, which is built there first (of the teacher KD learns from: after its SFT
+    stage, when there is one) unless it is complete already."""
     CHECKS[mode](cfg)  # config, then data and tokenizer: every input error before a model is loaded
     context = _context(cfg)
+    if cfg.kd.teacher_cache and not overwrite:  # a store of another run: said before anything trains
+        teacher_cache.refuse_other(cfg, context["tokenizer"], context["rows"]["train"],
+                                   teacher=not cfg.teacher_sft.steps)
     stages, kcfg = {}, cfg.copy_and_resolve_references()
     tcfg = teacher_sft_config(cfg, os.path.join(cfg.out_dir, "teacher_sft"))
     bcfg = _stage_config(kcfg, os.path.join(cfg.out_dir, "sft_baseline"), mode="sft", student="")
@@ -58,6 +64,8 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     if cfg.teacher_sft.steps:
         stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
         kcfg.teacher = stages["teacher SFT"]["export"]
+    if kcfg.kd.teacher_cache:
+        stages["teacher cache"] = _cache_stage(kcfg, context, overwrite)
     if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
         kcfg.student = student_init(kcfg)
     stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
@@ -96,9 +104,21 @@ def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
 
 
 def _context(cfg) -> dict:
-    """What the report needs of a run whose training finished earlier (--resume)."""
-    splits, tokenizer, _, mesh = distill.prepare(cfg)
-    return dict(splits=splits, tokenizer=tokenizer, mesh=mesh)
+    """What the report (of a run whose training finished earlier: --resume) and the teacher cache
+    need: distill.prepare's splits, tokenizer, rows and mesh."""
+    splits, tokenizer, rows, mesh = distill.prepare(cfg)
+    return dict(splits=splits, tokenizer=tokenizer, rows=rows, mesh=mesh)
+
+
+def _cache_stage(cfg, context, overwrite: bool = False) -> dict:
+    """The teacher cache of cfg's KD stage at kd.teacher_cache (built, finished or found complete),
+    as a stage of the report: where, build time, rows, K, bytes a response token. context: _context's
+    (or distill.prepare's splits, tokenizer, rows and mesh under those names)."""
+    prepared = (context["splits"], context["tokenizer"], context["rows"], context["mesh"])
+    attrs = teacher_cache.build(cfg.copy_and_resolve_references(), cfg.kd.teacher_cache, overwrite=overwrite,
+                                prepared=prepared)
+    return dict(export=cfg.kd.teacher_cache, seconds=attrs["seconds"], steps=0, rows=attrs["cached_rows"],
+                top_k=attrs["top_k"], samples=attrs["samples"], bytes_per_token=round(attrs["bytes_per_token"], 1))
 
 
 def _stage_config(cfg, out_dir: str, **fields):
@@ -138,7 +158,11 @@ def student_init(cfg) -> str:
     path = os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
         return path
-    teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
+    # placed on the run's mesh: on several processes each then holds its part of one global array,
+    # which is what saving it takes (an array on one device is out of reach of the others)
+    mesh = config_mesh(cfg, cfg.train.batch_size // cfg.train.grad_accum, "train.batch_size / train.grad_accum")
+    teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype,
+                              mesh=mesh)
     student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                    param_dtype=cfg.param_dtype)
     save(student, path, format="kdjax", tokenizer=tokenizer or load_tokenizer(cfg.teacher))

@@ -25,7 +25,8 @@ from kdjax.errors import UserError, disk_failure
 # Fields that change how a run is watched or laid out, not what it computes: they may differ
 # between a run and its --resume. Everything else (models, data, optimizer, loss, steps) must not.
 RUNTIME_FIELDS = ("out_dir", "resume", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "mesh.", "remat", "remat_policy", "attention", "eval.")
+                  "train.keep_checkpoints", "mesh.", "remat", "remat_policy", "attention", "eval.",
+                  "cache.chunk_rows", "cache.batch_size")
 BEST = "best"
 _RUN_FILES = ("checkpoints", BEST, BEST + ".new", "metrics.jsonl", "tensorboard", "report.md", "report.json",
               "curves.png", "done.json")

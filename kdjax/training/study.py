@@ -7,9 +7,15 @@ Every cell of the grid is trained once per seed (`train.seed`: the data order) f
 steps, then scored on the test prompts (Rouge-L, its Unicode variant, the test rows' loss). Cells
 that differ only in fields their run does not use are one run: at kd_ratio 0 (the data's
 cross-entropy alone) the divergence and its parameters do not matter. Teachers are fine-tuned once
-per distinct teacher_sft setting and shared by every cell that uses them. Each run keeps its own
-directory under out_dir (a finished one is not run again with --resume), and study.md /
-study.json / study.png hold the mean and spread over seeds of every cell.
+per distinct teacher_sft setting and shared by every cell that uses them. With kd.teacher_cache
+the teacher runs once: its cache (kdjax/training/teacher_cache.py) of every training row
+(cache.rows = "all", so every seed's data order finds its rows) is built at that path before the
+first run that needs it and every run reads it with no teacher in memory; cells that need another
+store (another teacher, temperature or data) get their own, at PATH-1, PATH-2, ... Each run keeps
+its own directory under out_dir (a finished one is not run again with --resume), and study.md /
+study.json / study.png hold the mean and spread over seeds of every cell, and each cache's build time.
+
+    kdjax study --config=configs/default_lr_sweep.py --grid="train.lr=5e-4,1e-4,5e-5" --seeds=0
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import numpy as np
 from kdjax import evaluate
 from kdjax.errors import UserError
 from kdjax.train_config import override
-from kdjax.training import distill
+from kdjax.training import distill, teacher_cache
 from kdjax.training.run import run_teacher_sft, student_init
 
 METRICS = ("rougeL", "rougeL_unicode", "loss")
@@ -87,7 +93,7 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
     records = distill.eval_records(splits["test"], tokenizer, cfg, cfg.eval.num_samples)
     if not records:
         raise UserError("--config.eval.num_samples: a study scores the test prompts; it must be > 0")
-    teachers = {}
+    teachers, caches = {}, {}
     runs = []
     for cell in cells(grid):
         for seed in seeds:
@@ -100,12 +106,30 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
                 if key not in teachers:
                     teachers[key] = run_teacher_sft(c, os.path.join(cfg.out_dir, f"teacher-{len(teachers)}"), overwrite)
                 c.teacher = teachers[key]
+            if c.kd.teacher_cache:
+                c.kd.teacher_cache = _cache_for(c, cfg, context, caches, overwrite)
             runs.append(dict(cell=effective(cell), seed=seed, **_one_run(c, records, tokenizer, overwrite)))
             print(f"study: {label(cell)}, seed {seed}: Rouge-L {runs[-1]['rougeL']:.2f} "
                   f"(loss {runs[-1]['loss']:.4f}, {runs[-1]['seconds']:.0f} s)", flush=True)
     summary = summarize(runs)
-    write(cfg.out_dir, runs, summary, grid, seeds)
+    write(cfg.out_dir, runs, summary, grid, seeds, caches)
     return summary
+
+
+def _cache_for(c, cfg, context, caches: dict, overwrite: bool) -> str:
+    """The teacher cache that run config `c` reads: built (or found complete) the first time a run
+    needs one of its teacher, temperature, data and cache.* fields, at cfg.kd.teacher_cache for the
+    first, PATH-1, PATH-2, ... for the others; caches: {key: {"path", "seconds", ...}} so far."""
+    c.cache.rows = "all"
+    key = json.dumps([c.teacher, c.data.to_dict(), c.kd.temperature, c.cache.to_dict()], sort_keys=True, default=str)
+    if key not in caches:
+        path = cfg.kd.teacher_cache + (f"-{len(caches)}" if caches else "")
+        same_data = c.data.to_dict() == cfg.data.to_dict()
+        attrs = teacher_cache.build(c, path, overwrite=overwrite, prepared=context if same_data else None)
+        caches[key] = dict(path=path, teacher=c.teacher, seconds=attrs["seconds"], rows=attrs["cached_rows"],
+                           top_k=attrs["top_k"], samples=attrs["samples"],
+                           bytes_per_token=round(attrs["bytes_per_token"], 1))
+    return caches[key]["path"]
 
 
 def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
@@ -156,11 +180,17 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir: str, runs, summary, grid, seeds):
+def write(out_dir: str, runs, summary, grid, seeds, caches=None):
     os.makedirs(out_dir, exist_ok=True)
+    caches = list((caches or {}).values())
     with open(os.path.join(out_dir, "study.json"), "w") as f:
-        json.dump({"grid": grid, "seeds": seeds, "runs": runs, "summary": summary}, f, indent=2)
+        json.dump({"grid": grid, "seeds": seeds, "runs": runs, "summary": summary, "caches": caches}, f, indent=2)
     text = table(summary)
+    for c in caches:
+        text += (f"\nteacher cache {c['path']} (teacher {c['teacher']}): {c['rows']} rows, K = {c['top_k']}"
+                 + (f" + {c['samples']} drawn" if c["samples"] else "")
+                 + f", {c['bytes_per_token']:.0f} bytes a response token, built in {c['seconds']:.0f} s; the runs "
+                   f"read it with no teacher in memory.\n")
     with open(os.path.join(out_dir, "study.md"), "w") as f:
         f.write(text)
     plot(summary, os.path.join(out_dir, "study.png"))

@@ -1,0 +1,313 @@
+"""The teacher cache (kdjax.training.teacher_cache, `kdjax teacher-cache`): the store holds the
+teacher's own top-K log-probs and tail mass (checked against the model's full logits in float64);
+drawn tokens estimate the teacher and the forward-KL gradient without bias; SIGKILL + rerun and 2
+processes give the arrays of one uninterrupted process; a half-written chunk is never read; a cache
+of another run is refused naming the field before any model loads; KD from a whole-vocabulary
+cache is KD from the teacher; verify's table; a study builds one cache and trains every run from it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax import data, gguf_io, losses, train_config
+from kdjax.config import ModelConfig
+from kdjax.errors import ConfigError
+from kdjax.training import distill, models, study, teacher_cache
+from kdjax.training.cache_verify import verify
+from helpers import ROOT, launch, set_fields
+
+V = 300
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=V, num_layers=4, max_position_embeddings=128)
+    kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "teacher"), format="kdjax", tokenizer=tok)
+    data.save_records([data.Record(prompt=f"f{i}", response=f"g{i} h{i}") for i in range(40)], str(root / "p.jsonl"))
+    return root
+
+
+def fields(setup, out="unused", **kw) -> dict:
+    """32 training rows; 2 steps of 8 read 16 of them; a K = 8 bf16 store in chunks of 3 rows."""
+    f = {"teacher": str(setup / "teacher"), "student_layers": "every_other", "out_dir": str(out),
+         "data.source": str(setup / "p.jsonl"), "data.layout": "records", "data.template": "plain",
+         "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 2,
+         "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 0,
+         "kd.chunk_size": 48, "eval.num_samples": 0, "baseline": False, "cache.top_k": 8, "cache.chunk_rows": 3}
+    f.update(kw)
+    return f
+
+
+def config(setup, out="unused", **kw):
+    c = set_fields(train_config.get_config(), **fields(setup, out, **kw))
+    c.mode = "distill"
+    return c
+
+
+def arrays(path) -> dict:
+    """Every array of a store, bf16 as its bits (exact comparison)."""
+    out = {}
+    for name, a in teacher_cache.open_arrays(str(path), teacher_cache.read_attrs(str(path))).items():
+        x = a.read().result()
+        out[name] = x.view(np.uint16) if x.dtype == ml_dtypes.bfloat16 else x
+    return out
+
+
+def assert_same_arrays(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def store(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "cache"
+    teacher_cache.build(config(setup), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_store(setup, tmp_path_factory):
+    """K = the whole vocabulary, float32: the cache loses nothing."""
+    out = tmp_path_factory.mktemp("full") / "cache"
+    teacher_cache.build(config(setup, **{"cache.top_k": V, "cache.dtype": "float32", "cache.chunk_rows": 8}), str(out))
+    return out
+
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_store_holds_the_teachers_top_k_and_tail(setup, store):
+    attrs = teacher_cache.read_attrs(str(store))
+    c = config(setup)
+    teacher, tok = kdjax.load(c.teacher)
+    rows = distill.make_rows(c.data, distill.load_splits(c.data), tok)["train"]
+    order = teacher_cache.rows_read(c, 32)
+    assert attrs["complete"] and attrs["top_k"] == 8 and attrs["dtype"] == "bfloat16" and attrs["vocab_size"] == V
+    assert attrs["cached_rows"] == len(order) == 16 and attrs["rows_sha256"] == teacher_cache.rows_sha256(rows)
+    got = arrays(store)
+    np.testing.assert_array_equal(got["rows"], order)
+    assert list(order[:8]) == list(data.batch_indices(32, 0, batch_size=8, seed=0))  # first read, first stored
+    logits = np.asarray(teacher(jnp.asarray(rows["input_ids"][order])), np.float64)  # the model's own full logits
+    t_logp = np_log_softmax(logits[..., :V])
+    mask = rows["loss_mask"][order] > 0
+    ids, logp = got["ids"][mask], got["logp"].view(ml_dtypes.bfloat16).astype(np.float64)[mask]
+    ref = t_logp[mask]
+    ninth = np.sort(ref, -1)[:, -9]
+    picked = np.take_along_axis(ref, ids, -1)
+    assert np.all(picked >= ninth[:, None] - 1e-5)  # the 8 most likely (up to float noise at a tie)
+    assert all(len(set(i)) == 8 for i in ids)
+    np.testing.assert_allclose(logp, picked, rtol=2 ** -7, atol=1e-6)  # bf16 of the teacher's log-probs
+    rest = 1 - np.exp(picked).sum(-1)
+    np.testing.assert_allclose(np.exp(got["log_rest"][mask]), rest, rtol=1e-4)
+    assert not got["ids"][~mask].any() and not got["logp"][~mask].any() and not got["log_rest"][~mask].any()
+    assert 0 < attrs["bytes_per_token"] < (4 + 2) * 8 + 4 + 40  # zstd; padding and prompts cost little
+
+
+def test_drawn_tokens_estimate_the_teacher_and_the_forward_kl_gradient_without_bias():
+    rng = np.random.default_rng(0)
+    v, k, s, draws = 40, 4, 16, 300
+    t_logp = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((2, v)) * 1.5, jnp.float32))
+    ids, logp, rest = losses.top_k_teacher(t_logp, k)
+    zs = jnp.asarray(rng.standard_normal((1, 2, v)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda z, i, lp, lt: losses.sparse_distill_loss(z, i, lp, lt, jnp.zeros((1, 2), int))[0]))
+    p_hat, g_hat = np.zeros((2, v)), np.zeros((1, 2, v))
+    for d in range(draws):
+        drawn = teacher_cache.draw(jax.random.PRNGKey(d), t_logp, ids, s)
+        assert all(not set(np.asarray(drawn)[j]) & set(np.asarray(ids)[j]) for j in range(2))  # outside the top K
+        all_ids, all_logp, tail = teacher_cache.pack_tokens(np.concatenate([ids, drawn], -1), np.asarray(logp),
+                                                            np.asarray(rest), np.ones(2), k, s, np.float32)
+        real = all_ids >= 0
+        assert all(len(set(i[r])) == r.sum() for i, r in zip(all_ids, real))  # each id once
+        np.testing.assert_allclose((np.exp(all_logp) * real).sum(-1), 1.0, rtol=1e-5)  # top K + the tail's share
+        for j in range(2):
+            np.add.at(p_hat[j], all_ids[j][real[j]], np.exp(all_logp[j][real[j]]))
+        g_hat += np.asarray(grad(zs, all_ids[None], all_logp[None], np.full((1, 2), teacher_cache.NO_TAIL)))
+    p = np.exp(np.asarray(t_logp, np.float64))
+    sigma = np.sqrt(p * (1 - p) / (s * draws))  # a drawn token's count is binomial (an upper bound on the top K's)
+    assert np.all(np.abs(p_hat / draws - p) <= 5 * sigma + 1e-6)
+    # forward KL's gradient is (q - p) / tokens, linear in the teacher: the mean over draws is the dense one
+    dense = np.asarray(jax.grad(lambda z: losses.forward_kl(z, jnp.log(jnp.asarray(p, jnp.float32))[None]))(zs))
+    assert np.all(np.abs(g_hat / draws - dense) <= 5 * sigma[None] / 2 + 1e-6)
+
+
+def test_sigkill_then_rerun_gives_the_arrays_of_an_uninterrupted_build(setup, store, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "kdjax", "teacher-cache", f"--out={out}",
+           *[f"--config.{k}={v}" for k, v in fields(setup).items()]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("teacher cache: chunk 2/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = arrays(out)["done"]
+    assert 2 <= done.sum() < len(done), done  # killed part way
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "written earlier, continuing" in rerun.stdout
+    assert_same_arrays(arrays(out), arrays(store))
+    said = []
+    teacher_cache.build(config(setup), str(out), log=said.append)  # complete: nothing to do
+    assert said == [f"teacher cache {out}: complete (16 rows, {teacher_cache.read_attrs(str(out))['bytes_per_token']:.0f} "
+                    f"bytes a response token)"]
+
+
+def test_a_half_written_chunk_is_never_read_and_a_rerun_makes_it_whole(setup, store, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(store, out)
+    a = teacher_cache.open_arrays(str(out), teacher_cache.read_attrs(str(out)))
+    a["done"][2].write(np.uint8(0)).result()  # as a kill between the rows and the mark leaves it
+    a["ids"][6:9].write(np.full((3, 32, 8), 7, np.int32)).result()
+    with pytest.raises(teacher_cache.CacheError, match=r"incomplete teacher cache \(5 of 6 chunks"):
+        teacher_cache.TeacherCache(str(out))
+    with pytest.raises(teacher_cache.CacheError, match="incomplete"):
+        distill.train(config(setup, tmp_path / "run", **{"kd.teacher_cache": str(out)}))
+    teacher_cache.build(config(setup), str(out))
+    assert_same_arrays(arrays(out), arrays(store))
+
+
+WORKER = r"""
+import json, os, sys
+pid, n, fields, out = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
+from kdjax import train_config
+from kdjax.training import teacher_cache
+sys.path.insert(0, "tests")
+from helpers import set_fields
+c = set_fields(train_config.get_config(), **fields)
+c.mode = "distill"
+teacher_cache.build(c, out)
+"""
+
+
+def test_two_processes_write_the_store_one_process_writes(setup, store, tmp_path):
+    outs = launch(WORKER, 2, json.dumps(fields(setup)), str(tmp_path / "cache"))
+    chunks = [[int(line.split()[3].split("/")[0]) for line in out.splitlines() if line.startswith("teacher cache: chunk")]
+              for out in outs]
+    assert chunks == [[1, 3, 5], [2, 4, 6]]  # each process its own rows
+    assert_same_arrays(arrays(tmp_path / "cache"), arrays(store))
+
+
+def test_a_cache_of_another_run_is_refused_naming_the_field_before_any_model_loads(setup, store, tmp_path,
+                                                                                monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(models, "load", no_model)
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    attrs = teacher_cache.read_attrs(str(other))
+    teacher_cache.write_attrs(str(other), dict(attrs, tokenizer_sha256="0" * 64))
+    cases = [({"data.max_length": 24}, str(store), r"kd.teacher_cache=.*built with data.max_length=32, this run has "
+                                                   r"data.max_length=24"),
+             ({"data.packing": True}, str(store), "data.packing=False"),
+             ({"kd.temperature": 2.0}, str(store), "kd.temperature=1.0"),
+             ({"data.limit": 39}, str(store), r"training rows differ from this run's \(data.limit=0 -> 39\)"),
+             ({"train.seed": 5}, str(store), r"not the \d+ more that train.steps=2 batches of 8 with train.seed=5"),
+             ({}, str(other), "another tokenizer"),
+             ({}, str(tmp_path / "none"), "no teacher cache here")]
+    for change, path, match in cases:
+        with pytest.raises((ConfigError, teacher_cache.CacheError), match=match):
+            distill.train(config(setup, tmp_path / "run", **{"kd.teacher_cache": path, **change}))
+    teacher_cache.write_attrs(str(other), dict(attrs, teacher_sha256="0" * 64))
+    with pytest.raises(ConfigError, match="built from another teacher"):
+        distill.train(config(setup, tmp_path / "run", **{"kd.teacher_cache": str(other)}))
+    with pytest.raises(ConfigError, match="cache.dtype='int8'"):
+        distill.check_config(config(setup, **{"cache.dtype": "int8"}))
+    with pytest.raises(teacher_cache.CacheError, match="holds a teacher cache of another run: it was built with "
+                                                       "cache.top_k=8, this run has cache.top_k=4"):
+        shutil.copytree(store, tmp_path / "partial")
+        teacher_cache.open_arrays(str(tmp_path / "partial"), attrs)["done"][0].write(np.uint8(0)).result()
+        teacher_cache.write_attrs(str(tmp_path / "partial"), dict(attrs, complete=False))
+        teacher_cache.build(config(setup, **{"cache.top_k": 4}), str(tmp_path / "partial"))
+    monkeypatch.undo()
+    cli = subprocess.run([sys.executable, "-m", "kdjax", "distill", f"--config.kd.teacher_cache={store}",
+                          "--config.data.max_length=24", *[f"--config.{k}={v}" for k, v in
+                                                           fields(setup, tmp_path / "cli").items()
+                                                           if k != "data.max_length"]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr[-2000:]
+    assert "data.max_length=24" in cli.stderr
+
+
+def test_kd_from_a_whole_vocabulary_cache_is_kd_from_the_teacher(setup, full_store, tmp_path, monkeypatch):
+    """K = V in float32: the same losses, step by step, and the same student, on a 2 x 2 x 2 mesh; the
+    cached run loads no teacher (its student is a checkpoint)."""
+    teacher, tok = kdjax.load(str(setup / "teacher"))
+    kdjax.save(models.student_from_teacher(teacher, [0, 2]), str(tmp_path / "student0"), format="kdjax", tokenizer=tok)
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "student": str(tmp_path / "student0")}
+    online = distill.train(config(setup, tmp_path / "online", **mesh))
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the cached run loaded the teacher")
+    monkeypatch.setattr(distill, "load_frozen", no_teacher)
+    cached = distill.train(config(setup, tmp_path / "cached", **mesh, **{"kd.teacher_cache": str(full_store)}))
+    assert cached["teacher"] is None
+    rows = lambda out: [json.loads(line) for line in open(out / "metrics.jsonl")]
+    a, b = rows(tmp_path / "online"), rows(tmp_path / "cached")
+    for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-5, err_msg=key)
+    pa, pb = (jax.tree.leaves(jax.tree.map(np.asarray, nnx_state(r["student"]))) for r in (online, cached))
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=2e-5)  # 0.2% of a step at lr 1e-2 (Adam: tiny grads)
+
+
+def nnx_state(model):
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def test_verify_measures_what_each_k_loses(full_store):
+    full = verify(str(full_store), rows=4, sizes=(8, V), log=lambda m: None)
+    assert [r["k"] for r in full["rows"]] == [8, V]
+    kl, tail = [r["kl"] for r in full["rows"]], [r["tail"] for r in full["rows"]]
+    assert kl[0] > 1e-3 and tail[0] > 1e-2
+    last = full["rows"][-1]
+    assert abs(last["kl"]) < 1e-6 and last["tail"] < 1e-6
+    assert abs(last["sparse"] - last["dense"]) < 1e-5 * abs(last["dense"])
+    assert last["grad_rel_err"] < 1e-4 and last["grad_cos"] > 1 - 1e-6
+    assert full["rows"][0]["grad_rel_err"] > 10 * last["grad_rel_err"]  # K = 8 of 300 does lose something
+    assert full["rows"][0]["bytes"] == (4 + 4) * 8 + 4  # int32 ids + float32 log-probs, + the tail
+    assert "| top 8 | 68 |" in full["table"] and "float32" in full["table"]
+    with pytest.raises(teacher_cache.CacheError, match=f"--k=8,{V + 1}: .* holds the top {V}"):
+        verify(str(full_store), rows=4, sizes=(8, V + 1), log=lambda m: None)
+
+
+def test_a_study_builds_one_cache_from_the_fine_tuned_teacher_and_trains_every_run_from_it(setup, tmp_path,
+                                                                                            capsys, monkeypatch):
+    out = tmp_path / "study"
+    opened, open_for = [], teacher_cache.open_for
+    monkeypatch.setattr(teacher_cache, "open_for", lambda cfg, *a: opened.append(cfg.kd.teacher_cache) or
+                        open_for(cfg, *a))
+    c = config(setup, out, **{"kd.teacher_cache": str(out / "cache"), "teacher_sft.steps": 1,
+                              "eval.num_samples": 1, "eval.max_new_tokens": 2, "mesh.num_devices": 1})
+    study.run_study(c, {"train.lr": [1e-2, 3e-3]}, [0])
+    printed = capsys.readouterr().out
+    assert printed.count("teacher cache: chunk 1/") == 1  # built once, before the first run
+    assert opened == [str(out / "cache")] * 2  # then read by every run
+    attrs = teacher_cache.read_attrs(str(out / "cache"))
+    assert attrs["teacher"] == str(out / "teacher-0" / "sft")  # of the teacher the students learn from
+    assert attrs["cached_rows"] == 32  # every training row: each seed's order finds its rows
+    runs = json.load(open(out / "study.json"))["runs"]
+    first = {(r["cell"]["train.lr"], r["seed"]): [json.loads(line)["loss"] for line in
+                                                   open(os.path.join(r["out_dir"], "metrics.jsonl"))] for r in runs}
+    assert first[1e-2, 0][0] == pytest.approx(first[3e-3, 0][0], rel=1e-6)  # one start, one cache
+    assert first[1e-2, 0][1] != pytest.approx(first[3e-3, 0][1], rel=1e-4)  # then the lr shows
+    table = (out / "study.md").read_text()
+    assert table.count("| train.lr=") == 2 and f"teacher cache {out / 'cache'}" in table and "built in" in table
