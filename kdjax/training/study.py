@@ -106,7 +106,7 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
                 if key not in teachers:
                     teachers[key] = run_teacher_sft(c, os.path.join(cfg.out_dir, f"teacher-{len(teachers)}"), overwrite)
                 c.teacher = teachers[key]
-            if c.kd.teacher_cache:
+            if c.kd.teacher_cache and c.kd.kd_ratio:  # at kd_ratio 0 no teacher is needed, cached or live
                 c.kd.teacher_cache = _cache_for(c, cfg, context, caches, overwrite)
             runs.append(dict(cell=effective(cell), seed=seed, **_one_run(c, records, tokenizer, overwrite)))
             print(f"study: {label(cell)}, seed {seed}: Rouge-L {runs[-1]['rougeL']:.2f} "
@@ -141,7 +141,7 @@ def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
     if not c.student:
         c.student = student_init(c)
     if c.kd.kd_ratio == 0:  # the data's cross-entropy alone: the SFT baseline, no teacher to run
-        c = override(c, {"mode": "sft", "teacher": c.student})
+        c = override(c, {"mode": "sft", "teacher": c.student, "kd.teacher_cache": ""})
     result = distill.train(c, overwrite=overwrite)
     ec = c.eval
     scores = evaluate.evaluate(result["student"], tokenizer, records, max_length=c.data.max_length,
