@@ -19,6 +19,7 @@ COMMANDS = {
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),
     "grpo": ("grpo", "GRPO on code problems with tests (think format, steps, tests, length rewards)"),
+    "qad": ("qad", "quantization-aware distillation: int4 (GPTQ grid) training from the float model -> GPTQ checkpoint"),
     "eval": ("eval", "Rouge-L over sampling seeds, validation loss, teacher retention; report + plots"),
     "quantize": ("quantize", "int4 (RTN or GPTQ) of every decoder linear -> GPTQ checkpoint; size/perplexity report"),
     "export": ("export", "export to bf16 HF safetensors (--format=hf) or an int4 GPTQ checkpoint (--format=gptq)"),
