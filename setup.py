@@ -31,7 +31,10 @@ setup(
         # its own dependencies (llm, llama-cpp-python) are not needed to read the file.
         # gptqmodel 7.6.0 is the newest release that installs on a CPU machine without CUDA
         # packages (7.7 needs torch>=2.14.1, 6.x compiles CUDA extensions); it pins numpy==2.2.6.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "optimum==2.3.0", "gptqmodel==7.6.0"],
+        # libtpu (through jax[tpu], the release matching the installed jax): `kdjax plan` compiles for TPU
+        # slices with its compile-only client, on any machine; the tests do too. It does not change what
+        # other JAX programs run on: without a TPU, JAX falls back to the CPU (kdjax plan sets its own env).
+        "test": ["pytest", "torch==2.13.0", "accelerate", "optimum==2.3.0", "gptqmodel==7.6.0", "jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

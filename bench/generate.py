@@ -117,7 +117,7 @@ def main(argv=None):
     static = dict(max_new_tokens=a.new, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
 
     t0 = time.perf_counter()
-    compiled = decode.lower((graphdef,), *args, **static).compile()
+    compiled = decode.lower(*args, graphdefs=(graphdef,), **static).compile()
     compile_s = time.perf_counter() - t0
     res = dict(bench="generate", impl="kdjax", model=a.model, batch=a.batch, prompt=a.prompt, new=a.new,
                dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention, temperature=a.temperature,

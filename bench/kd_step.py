@@ -209,7 +209,8 @@ def profile_summary(directory, top=12, lanes=4) -> dict:
                    for name, ms in lanes_time[lane].most_common(top)] for lane in busiest}
 
 
-def main(argv=None):
+def main(argv=None, quiet=False):
+    """Runs the benchmark; prints its JSON line (unless `quiet`) and returns it as a dict."""
     a = parse_args(argv)
     devices = jax.devices()[:a.num_devices] if a.num_devices else jax.devices()
     mesh = make_mesh(a.data, a.fsdp, a.tensor, devices=devices)
@@ -296,7 +297,8 @@ def main(argv=None):
         dt = statistics.median(times)
         tflops = flops_tok * tokens / dt / 1e12
         attn_tflops = attn_tok * tokens / dt / 1e12
-        out.update(step_s=round(dt, 6), step_s_min=round(min(times), 6), tokens_per_s=round(tokens / dt),
+        out.update(step_s=round(dt, 6), step_s_min=round(min(times), 6), step_times=[round(t, 6) for t in times],
+                   tokens_per_s=round(tokens / dt),
                    model_tflops=round(tflops, 1), mfu=round(tflops / a.peak_tflops, 4),
                    attn_tflops=round(attn_tflops, 1),
                    mfu_with_attn=round((tflops + attn_tflops) / a.peak_tflops, 4),
@@ -304,7 +306,8 @@ def main(argv=None):
                    grad_norm=float(metrics["grad_norm"]))
         if a.profile:
             out["profile"] = profile_summary(a.profile)
-    print(json.dumps(out), flush=True)
+    if not quiet:
+        print(json.dumps(out), flush=True)
     return out
 
 

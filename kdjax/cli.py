@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import errno
+import glob
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -14,12 +16,14 @@ from absl import app, flags
 COMMANDS = {
     "convert": ("convert", "convert a checkpoint (HF dir, .gguf, kdjax, preset) to HF safetensors or kdjax"),
     "generate": ("generate", "generate text with the chat template applied"),
+    "plan": ("plan", "compile a command's programs for a TPU slice on this CPU: fits?, GiB a chip, roofline MFU"),
     "sft": ("sft", "fine-tune the teacher on the data (--config=configs/NAME.py)"),
     "distill": ("distill", "distil the teacher into a student; no flags runs the default job"),
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),
     "grpo": ("grpo", "GRPO on code problems with tests (think format, steps, tests, length rewards)"),
     "qad": ("qad", "quantization-aware distillation: int4 (GPTQ grid) training from the float model -> GPTQ checkpoint"),
+    "study": ("study", "KD over a grid of config values x seeds: one table (mean, spread) and one plot"),
     "eval": ("eval", "Rouge-L over sampling seeds, validation loss, teacher retention; report + plots"),
     "quantize": ("quantize", "int4 (RTN or GPTQ) of every decoder linear -> GPTQ checkpoint; size/perplexity report"),
     "export": ("export", "export to bf16 HF safetensors (--format=hf) or an int4 GPTQ checkpoint (--format=gptq)"),
@@ -87,8 +91,37 @@ def _parser(cmd: str):
     return parse
 
 
+def _compilation_cache():
+    """XLA's persistent compilation cache in ~/.cache/kdjax/xla (KDJAX_XLA_CACHE names another
+    folder, KDJAX_XLA_CACHE=0 turns it off): a resumed run, the runs of a sweep and the stages of a
+    pipeline compile each program once. JAX's own JAX_COMPILATION_CACHE_DIR wins when set."""
+    where = os.environ.get("KDJAX_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kdjax", "xla"))
+    if where == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = where
+
+
+def skip_tpu_probe_off_tpu(environ=os.environ) -> None:
+    """With libtpu installed (`kdjax plan` needs it) but no TPU on this machine, JAX would still try
+    to start a TPU backend in every process (slow, noisy, and holding libtpu's host lockfile where
+    it gets that far): run on the GPU or the CPU instead, unless JAX_PLATFORMS says otherwise. On a
+    TPU VM (/dev/accel*, /dev/vfio/*) nothing changes."""
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    environ["JAX_PLATFORMS"] = "cuda,cpu"  # JAX takes the first that starts
+    if "jax" in sys.modules:  # imported already (by the kdjax package): no backend has started yet
+        sys.modules["jax"].config.update("jax_platforms", environ["JAX_PLATFORMS"])
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
+    skip_tpu_probe_off_tpu()
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         return 0 if len(argv) >= 2 else 2
@@ -96,6 +129,7 @@ def main(argv=None):
     if cmd not in COMMANDS:
         print(f"kdjax: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    _compilation_cache()
     try:  # ml_collections checks --config.x=y names against the default config as the flag is defined
         module = importlib.import_module(f"kdjax.commands.{COMMANDS[cmd][0]}")
     except (AttributeError, KeyError) as e:

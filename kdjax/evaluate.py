@@ -30,6 +30,7 @@ from kdjax.data import DataError, Record
 from kdjax.generate import generate, stop_tokens_of
 from kdjax.losses import chunked_cross_entropy
 from kdjax.rouge import corpus_rouge_l, rouge_l
+from kdjax.sharding import call_compiled
 
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
 # Rouge-L result key -> kdjax.rouge variant.
@@ -166,7 +167,7 @@ def rouge_eval(model, tokenizer, records: Sequence[Record], *, seeds: Sequence[i
 # ---------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _nll_sum(graphdef, state, batch, *, chunk_size):
+def _nll_sum(state, batch, *, graphdef, chunk_size):
     model = nnx.merge(graphdef, state)
     # segment_ids: each token attends inside its own sequence (packed rows too), padding to nothing
     h = model.hidden_states(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
@@ -199,7 +200,8 @@ def validation_loss(model, rows: data.Rows, *, batch_size: int = 16, chunk_size:
         short = batch_size - len(batch["input_ids"])
         if short:  # fill the last batch with fully masked rows: one compilation for all batches
             batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-        s, c = _nll_sum(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, chunk_size=chunk_size)
+        s, c = call_compiled(_nll_sum, state, {k: jnp.asarray(v) for k, v in batch.items()}, graphdef=graphdef,
+                             chunk_size=chunk_size)
         total, count = total + float(s), count + float(c)
     if count == 0:
         raise ValueError("validation_loss: no response tokens in the rows (every loss_mask is 0)")

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import data
+from kdjax.sharding import batch_spec, call_compiled, host_rows, place_rows
 
 
 def sample_logits(logits, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
@@ -48,8 +49,8 @@ def mixture_logits(logits, mix):
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "out_sharding"))
-def decode(graphdefs, states, ids, mask, key, stop, pad_id, mix, *, max_new_tokens, temperature, top_k, top_p,
-            out_sharding=None):
+def decode(states, ids, mask, key, stop, pad_id, mix, *, graphdefs, max_new_tokens, temperature, top_k, top_p,
+           out_sharding=None):
     """Prefill the prompts `ids` [B, P] (left-padded; `mask` 1 on tokens), then sample up to
     `max_new_tokens` a row, each from `mixture_logits` of the models (graphdefs / states: one
     model, or (student, teacher) mixed by `mix`), until every row has produced a token of `stop`.
@@ -123,15 +124,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
         mask[r, width - len(p):] = 1
     ids, mask, out_sharding = jnp.asarray(ids), jnp.asarray(mask), None
     if mesh is not None:
-        from kdjax.sharding import batch_spec, place_rows
         ids, mask = place_rows((np.asarray(ids), np.asarray(mask)), mesh)
         out_sharding = jax.sharding.NamedSharding(mesh, batch_spec())
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     graphdefs, states = zip(*(nnx.split(m) for m in models))
-    out = decode(tuple(graphdefs), tuple(states), ids, mask, jax.random.key(seed), stop, jnp.int32(pad_id),
-                  jnp.float32(mix), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p), out_sharding=out_sharding)
-    from kdjax.sharding import host_rows
+    out = call_compiled(decode, tuple(states), ids, mask, jax.random.key(seed), stop, jnp.int32(pad_id),
+                        jnp.float32(mix), graphdefs=tuple(graphdefs), max_new_tokens=max_new_tokens,
+                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                        out_sharding=out_sharding)
     result = []
     stops = set(stop_tokens)
     for row in host_rows(out)[:len(prompts)].tolist():

@@ -353,6 +353,37 @@ def _check_head(name_h, h, name_w, w):
                          "with the same D")
 
 
+def _layout(n: int, vocab: int, chunk_size: int, mesh):
+    """How n tokens and a vocabulary are laid out over the mesh (the rule table's "batch" axes
+    for tokens, "vocab" for the vocabulary) and cut into chunks: (token axes, vocabulary axis,
+    chunk, tokens(x) -> [n padded, ...] rows, head(w) -> [D, vocab padded] columns). Tokens are
+    padded so every token shard holds a whole number of (nearly equal) chunks; the vocabulary is
+    cut to the shared size and padded to a multiple of the tensor shards (masked)."""
+    if mesh is None:
+        token_axes, tensor_axis, n_tok, n_voc = (), None, 1, 1
+    else:
+        missing = [a for a in MESH_AXES if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"mesh {dict(mesh.shape)} lacks axes {missing}; build it with kdjax.sharding.make_mesh")
+        rule = LOGICAL_RULES["batch"]
+        token_axes = (rule,) if isinstance(rule, str) else tuple(rule)
+        tensor_axis = LOGICAL_RULES["vocab"]
+        n_tok, n_voc = math.prod(mesh.shape[a] for a in token_axes), mesh.shape[tensor_axis]
+    local = -(-n // n_tok)
+    n_chunks = -(-local // chunk_size)
+    chunk = -(-local // n_chunks)
+    pad_n = n_tok * n_chunks * chunk - n
+    pad_v = -vocab % n_voc
+
+    def tokens(x):
+        x = x.reshape(n, *x.shape[2:])
+        return jnp.pad(x, [(0, pad_n)] + [(0, 0)] * (x.ndim - 1))
+
+    def head(w):
+        return jnp.pad(w[:, :vocab], [(0, 0), (0, pad_v)])
+    return token_axes, tensor_axis, chunk, tokens, head
+
+
 def _chunked(s_h, s_w, t_h, t_w, targets, mask, *, per_token, temperature, kd_ratio,
              vocab_size, chunk_size, mesh, normalizer):
     """Shared machinery: flatten, pad, (shard_map), scan over chunks -> (loss, metrics)."""
@@ -364,35 +395,7 @@ def _chunked(s_h, s_w, t_h, t_w, targets, mask, *, per_token, temperature, kd_ra
     if targets.shape != (b, t) or mask.shape != (b, t):
         raise ValueError(f"targets {targets.shape} and mask {mask.shape} must be [B, T] = {(b, t)}")
     vocab = _shared_vocab(s_w.shape[1], None if t_w is None else t_w.shape[1], vocab_size)
-
-    if mesh is None:
-        n_tok, n_voc, token_axes, tensor_axis = 1, 1, (), None
-    else:
-        missing = [a for a in MESH_AXES if a not in mesh.shape]
-        if missing:
-            raise ValueError(f"mesh {dict(mesh.shape)} lacks axes {missing}; build it with "
-                             "kdjax.sharding.make_mesh")
-        rule = LOGICAL_RULES["batch"]
-        token_axes = (rule,) if isinstance(rule, str) else tuple(rule)
-        tensor_axis = LOGICAL_RULES["vocab"]
-        n_tok = math.prod(mesh.shape[a] for a in token_axes)
-        n_voc = mesh.shape[tensor_axis]
-
-    # Tokens: pad B*T so every token shard holds a whole number of (nearly equal) chunks.
-    n = b * t
-    local = -(-n // n_tok)
-    n_chunks = -(-local // chunk_size)
-    chunk = -(-local // n_chunks)
-    pad_n = n_tok * n_chunks * chunk - n
-    # Vocabulary: cut to the shared size, pad to a multiple of the tensor shards (masked).
-    pad_v = -vocab % n_voc
-
-    def tokens(x):
-        x = x.reshape(n, *x.shape[2:])
-        return jnp.pad(x, [(0, pad_n)] + [(0, 0)] * (x.ndim - 1))
-
-    def head(w):
-        return jnp.pad(w[:, :vocab], [(0, 0), (0, pad_v)])
+    token_axes, tensor_axis, chunk, tokens, head = _layout(b * t, vocab, chunk_size, mesh)
 
     args = (tokens(s_h), head(s_w), tokens(targets.astype(jnp.int32)),
             tokens(jnp.asarray(mask).astype(bool)),
@@ -492,19 +495,6 @@ def chunked_cross_entropy(hidden, head, targets, mask, *, vocab_size=None, chunk
 
 
 # ---- per-token values for the on-policy objectives (GRPO, MiniLLM) ---------------------------
-def _token_axes(mesh):
-    """(token axes, vocabulary axis, token shards, vocabulary shards) of the rule table on `mesh`."""
-    if mesh is None:
-        return (), None, 1, 1
-    missing = [a for a in MESH_AXES if a not in mesh.shape]
-    if missing:
-        raise ValueError(f"mesh {dict(mesh.shape)} lacks axes {missing}; build it with kdjax.sharding.make_mesh")
-    rule = LOGICAL_RULES["batch"]
-    token_axes = (rule,) if isinstance(rule, str) else tuple(rule)
-    tensor_axis = LOGICAL_RULES["vocab"]
-    return token_axes, tensor_axis, math.prod(mesh.shape[a] for a in token_axes), mesh.shape[tensor_axis]
-
-
 def _per_token(fn, s_h, s_w, t_h, t_w, targets, *, vocab, chunk_size, mesh, temperature, n_out):
     """Per-token values [B, T] (n_out of them) of `fn(s_logp, t_logp, hit, vsum)` over token
     chunks, with tokens split over the mesh's batch axes and the vocabulary over "tensor"
@@ -518,21 +508,8 @@ def _per_token(fn, s_h, s_w, t_h, t_w, targets, *, vocab, chunk_size, mesh, temp
     b, t = s_h.shape[:2]
     if targets.shape != (b, t):
         raise ValueError(f"targets {targets.shape} must be [B, T] = {(b, t)}")
-    token_axes, tensor_axis, n_tok, n_voc = _token_axes(mesh)
     n = b * t
-    local = -(-n // n_tok)
-    n_chunks = -(-local // chunk_size)
-    chunk = -(-local // n_chunks)
-    pad_n = n_tok * n_chunks * chunk - n
-    pad_v = -vocab % n_voc
-
-    def tokens(x):
-        x = x.reshape(n, *x.shape[2:])
-        return jnp.pad(x, [(0, pad_n)] + [(0, 0)] * (x.ndim - 1))
-
-    def head(w):
-        return jnp.pad(w[:, :vocab], [(0, 0), (0, pad_v)])
-
+    token_axes, tensor_axis, chunk, tokens, head = _layout(n, vocab, chunk_size, mesh)
     teacher = () if t_w is None else (tokens(t_h), head(t_w))
     args = (tokens(s_h), head(s_w), tokens(jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)), teacher)
 

@@ -198,3 +198,30 @@ def host_rows(x: jax.Array) -> np.ndarray:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def barrier(name: str, timeout_s: int = 1800):
+    """Every process waits here until all have arrived (through the coordinator's key-value store,
+    not a collective); a no-op on one process."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.sync_global_processes(f"kdjax:{name}", timeout=timeout_s)
+
+
+_COMPILED: dict = {}
+
+
+def call_compiled(jitted, *args, **static):
+    """jitted(*args, **static), with every static argument passed by keyword. On several
+    processes the program is compiled ahead (once per signature) and all processes have finished
+    compiling before any runs it: CPU collectives (gloo) give up when a peer is 30 s late, and
+    processes on a loaded machine compile the same program at different speeds."""
+    if jax.process_count() == 1:
+        return jitted(*args, **static)
+    leaves, tree = jax.tree.flatten((args, static))
+    sig = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) if hasattr(x, "shape") else x for x in leaves)
+    key = (jitted, tree, sig)
+    if key not in _COMPILED:
+        _COMPILED[key] = jitted.lower(*args, **static).compile()
+        barrier(f"compiled {getattr(jitted, '__name__', 'program')} #{len(_COMPILED)}")
+    return _COMPILED[key](*args)

@@ -29,6 +29,17 @@ GRPO_SYSTEM_PROMPT = (
     "code block, with the function names the problem uses.")
 
 
+def override(cfg: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+    """cfg with dotted fields set in place: override(cfg, {"train.lr": 1e-4, "kd.kd_ratio": 0.5})."""
+    for key, value in fields.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "distill"  # "distill", "gkd", "minillm" (teacher -> student), "sft" (fine-tune `teacher`), "grpo", "qad"; set by the command

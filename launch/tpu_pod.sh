@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Run one kdjax training command on every worker of a Cloud TPU VM pod slice, at the same time.
 #
+#   ACCELERATOR_TYPE=v4-32 launch/tpu_pod.sh plan --config=configs/NAME.py [--config.x=y ...] [--search]
+#       # here, before booking: compile the command's programs for that slice (kdjax plan)
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh setup      # copy this checkout, install
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh [distill|sft] --config=configs/NAME.py[:ARG] \
-#       [--config.x=y ...] [--resume]
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh [distill|sft|minillm|grpo|gkd] \
+#       --config=configs/NAME.py[:ARG] [--config.x=y ...] [--resume]
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh stop       # end a DETACH=1 run on all workers
 #
-# Each worker runs one process that sees its own chips; jax.distributed.initialize() joins them
-# into one program over all chips of the slice (the TPU environment tells JAX the coordinator),
-# and the config's mesh spans them. The run directory (--config.out_dir) must be one file system
+# Each worker runs one process that sees its own chips; `kdjax COMMAND --distributed` joins them
+# into one program over all chips of the slice (jax.distributed.initialize(): on a TPU VM the
+# environment tells JAX the coordinator and the process ids), and the config's mesh spans them. The run directory (--config.out_dir) must be one file system
 # that every worker sees (a Filestore/NFS mount or a gcsfuse-mounted bucket): checkpoints are
 # written by all workers together.
 #
 # Environment:
-#   TPU_NAME         the TPU VM (required)
+#   ACCELERATOR_TYPE `plan` only: the slice to plan for (v4-8, v5litepod-16, v5p-8, v6e-8, or
+#                    CHIP:SHAPE such as v5e:4x4); `plan` runs here, with PYTHON (default: this
+#                    checkout's .venv/bin/python, else python3) and libtpu (pip install '.[tpu]')
+#   TPU_NAME         the TPU VM (required except for `plan`)
 #   ZONE, PROJECT    where it is (default: gcloud's configured compute/zone and project)
 #   REMOTE_DIR       the checkout on every worker (default: kdjax, relative to the worker's home)
 #   REMOTE_PYTHON    interpreter there (default: .venv/bin/python, made by `setup`); relative
@@ -26,11 +31,12 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage="usage: TPU_NAME=NAME [ZONE=ZONE] launch/tpu_pod.sh [setup|stop|distill|sft] [--config=configs/NAME.py[:ARG]] [--config.x=y ...] [--resume]"
+usage="usage: TPU_NAME=NAME [ZONE=ZONE] launch/tpu_pod.sh [setup|stop|distill|sft|minillm|grpo|gkd] [--config=configs/NAME.py[:ARG]] [--config.x=y ...] [--resume]
+       ACCELERATOR_TYPE=v5litepod-16 launch/tpu_pod.sh plan --config=configs/NAME.py [--config.x=y ...] [--search]"
 
 cmd=distill
 case "${1:-}" in
-  distill|sft|setup|stop) cmd=$1; shift ;;
+  distill|sft|minillm|grpo|gkd|setup|stop|plan) cmd=$1; shift ;;
   -h|--help) echo "$usage"; exit 0 ;;
 esac
 for arg in "$@"; do
@@ -40,6 +46,23 @@ for arg in "$@"; do
     exit 2
   fi
 done
+if [[ $cmd == plan ]]; then
+  # Nothing is booked yet: compile here for the slice's chips (libtpu's compile-only client).
+  if [[ -z ${ACCELERATOR_TYPE:-} ]]; then
+    echo "launch/tpu_pod.sh plan: set ACCELERATOR_TYPE to the slice you mean to book (v4-8, v5litepod-16, v5p-8," \
+         "v6e-8, or CHIP:SHAPE such as v5e:4x4)" >&2
+    exit 2
+  fi
+  if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $here/.venv/bin/python ]]; then PYTHON=$here/.venv/bin/python; else PYTHON=python3; fi
+  fi
+  cd "$here"
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "$PYTHON" -m kdjax plan "--topology=$ACCELERATOR_TYPE" "$@"; echo
+    exit 0
+  fi
+  exec "$PYTHON" -m kdjax plan "--topology=$ACCELERATOR_TYPE" "$@"
+fi
 if [[ -z ${TPU_NAME:-} ]]; then
   echo "launch/tpu_pod.sh: set TPU_NAME to the TPU VM's name (gcloud compute tpus tpu-vm list)" >&2
   exit 2
@@ -88,9 +111,9 @@ case $cmd in
     ;;
 esac
 
-# kdjax's trainer does not join the processes itself (yet): do it here, once, then run the CLI.
-init='import sys, jax; d = jax.distributed; getattr(d, "is_initialized", lambda: False)() or d.initialize(); from kdjax.cli import main; sys.exit(main(["kdjax"] + sys.argv[1:]))'
-run="$(q "$REMOTE_PYTHON" -c "$init" "$cmd" "$@")"
+# --distributed: jax.distributed.initialize() joins the workers' processes (the TPU VM's environment
+# gives the coordinator, the process count and each worker's id).
+run="$(q "$REMOTE_PYTHON" -m kdjax "$cmd" --distributed "$@")"
 prelude="set -o pipefail; cd $(q "$REMOTE_DIR") && export TOKENIZERS_PARALLELISM=false PYTHONPATH=\$PWD${REMOTE_ENV:+ $REMOTE_ENV}"
 if [[ ${DETACH:-0} == 1 ]]; then
   # setsid: the run leads its own process group (its pid in kdjax.pid), which `stop` ends.

@@ -8,13 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def set_fields(c, **kw):
     """c with dotted fields set: set_fields(cfg, **{"train.lr": 0.1, "resume": True})."""
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    from kdjax.train_config import override
+    return override(c, kw)
 
 
 def run_kdjax(*args, timeout=600):

@@ -41,6 +41,14 @@ def _run(script, *flags):
     return json.loads(lines[0])
 
 
+def _run_lines(script, *flags):
+    """Every JSON line of bench/<script>.py run in a fresh process."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+
+
 def _param_count(preset):
     """Parameters counted from the model's own (abstract) state, not from ModelConfig.num_params."""
     state = nnx.state(nnx.eval_shape(lambda: Qwen2(ModelConfig.preset(preset))))
@@ -128,3 +136,16 @@ def test_gpu_session_script_writes_the_json_lines_of_a_part(tmp_path):
     assert [(r["bench"], r["batch"], r["model"]) for r in lines[2:]] == [("generate", 2, "tiny-qwen2")] * 2
     bad = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert "unknown part nope" in bad.stderr
+
+
+def test_cpu_kd_vs_torch_runs_both_sides_alternating_and_reports_their_ratio():
+    r = _run_lines("cpu_kd_vs_torch.py", "--student=tiny-qwen2", "--teacher=tiny-qwen2", "--batch=2", "--seq=16",
+                   "--rounds=2", "--steps=1", "--warmup=1")
+    sides, summary = r[:-1], r[-1]
+    assert [(s["side"], s["round"]) for s in sides] == [("torch", 0), ("kdjax", 0), ("torch", 1), ("kdjax", 1)]
+    assert summary["bench"] == "cpu_kd_vs_torch" and summary["dtype"] == "float32"
+    assert len(summary["step_s"]["torch"]) == len(summary["step_s"]["kdjax"]) == 2
+    for side in ("torch", "kdjax"):
+        median = sorted(t for s in sides if s["side"] == side for t in s["times"])
+        assert summary[f"{side}_tokens_per_s"] == pytest.approx(2 * 16 / ((median[0] + median[1]) / 2), rel=0.02)
+    assert summary["ratio"] == pytest.approx(summary["kdjax_tokens_per_s"] / summary["torch_tokens_per_s"], rel=0.01)

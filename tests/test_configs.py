@@ -270,9 +270,9 @@ def test_tpu_pod_script_runs_the_same_command_on_every_worker(tmp_path):
                           REMOTE_ENV="FOO=bar")
     out = subprocess.run(["bash", "-c", remote], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    argv = _marked(out.stdout, "ARGV")
-    assert argv[0] == "-c" and "jax.distributed" in argv[1] and "initialize()" in argv[1]
-    assert argv[2:] == ["distill", "--config=configs/dolly_en_kd.py:5e-5", TRICKY, "--resume"]
+    argv = _marked(out.stdout, "ARGV")  # --distributed: jax.distributed.initialize() joins the workers
+    assert argv == ["-m", "kdjax", "distill", "--distributed", "--config=configs/dolly_en_kd.py:5e-5", TRICKY,
+                    "--resume"]
     assert _marked(out.stdout, "ENV")["FOO"] == "bar"
     assert "ARGV=" in (tmp_path / "kdjax" / "kdjax-distill.log").read_text()
 
@@ -303,6 +303,43 @@ def _ended(pid, wait_s=5.0):
         if time.time() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def test_tpu_pod_plan_runs_kdjax_plan_here_for_the_slice(tmp_path):
+    env = {**os.environ, "PYTHON": _stub(tmp_path / "python"), "ACCELERATOR_TYPE": "v5litepod-16"}
+    env.pop("TPU_NAME", None)  # nothing is booked yet
+    out = subprocess.run(["launch/tpu_pod.sh", "plan", "--config=configs/dolly_en_kd.py", TRICKY, "--search"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert _marked(out.stdout, "ARGV") == ["-m", "kdjax", "plan", "--topology=v5litepod-16",
+                                           "--config=configs/dolly_en_kd.py", TRICKY, "--search"]
+    env.pop("ACCELERATOR_TYPE")
+    out = subprocess.run(["launch/tpu_pod.sh", "plan"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "ACCELERATOR_TYPE" in out.stderr
+
+
+def test_gpu_hosts_script_starts_one_process_a_host(tmp_path):
+    out = subprocess.run(["launch/gpu_hosts.sh", "--hosts=h0,h1,h2", "--port=2345", "--dry_run", "grpo",
+                          "--config=configs/grpo_mbpp.py", TRICKY], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "REMOTE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        ssh, host, remote = shlex.split(line)
+        assert (ssh, host) == ("ssh", f"h{i}")
+        _stub(tmp_path / "python")
+        run = subprocess.run(["bash", "-c", remote.replace(".venv/bin/python", "./python")], capture_output=True,
+                             text=True, timeout=60)
+        assert _marked(run.stdout, "ARGV") == [
+            "-m", "kdjax", "grpo", "--distributed", "--coordinator=h0:2345", "--num_processes=3", f"--process_id={i}",
+            "--config=configs/grpo_mbpp.py", TRICKY]
+    one = subprocess.run(["launch/gpu_hosts.sh", "--coordinator=10.0.0.1", "--num_processes=2", "--process_id=1",
+                          "--dry_run", "sft"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0 and "--coordinator=10.0.0.1:1234 --num_processes=2 --process_id=1" in one.stdout
+    bad = subprocess.run(["launch/gpu_hosts.sh", "--coordinator=x", "--num_processes=2", "--process_id=2", "sft"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--process_id=2" in bad.stderr
 
 
 def test_tpu_pod_script_refuses_bad_calls():

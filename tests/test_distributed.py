@@ -4,6 +4,7 @@ the same global mesh; a checkpoint written by 2 processes continues in 1 process
 each process places only its own rows of a batch, and together they place all of them."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,9 +23,13 @@ WORKER = r"""
 import json, os, sys
 pid, n, mode, fields = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 import jax
-if n > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
+if n > 1:  # as `kdjax COMMAND --distributed --coordinator=... --num_processes=... --process_id=...`
+    from absl import flags
+    from kdjax.commands import train_flags
+    train_flags.define_flags()
+    flags.FLAGS(["worker", "--distributed", "--coordinator=" + os.environ["COORDINATOR"], f"--num_processes={n}",
+                 f"--process_id={pid}"])
+    train_flags.initialize_distributed()
 from kdjax import grpo_config, train_config
 from kdjax.training import distill, grpo
 from kdjax.training.run import run
@@ -50,6 +55,7 @@ pid, n = int(sys.argv[1]), int(sys.argv[2])
 import jax
 import numpy as np
 if n > 1:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_collective_timeout_seconds=1800"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=n, process_id=pid)
 from kdjax import sharding
@@ -102,7 +108,7 @@ def setup(tmp_path_factory):
 def fields(setup, out, **kw):
     f = {"teacher": str(setup / "teacher"), "student_layers": "every_other", "out_dir": str(out),
          "data.source": str(setup / "p.jsonl"), "data.layout": "records", "data.template": "plain",
-         "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 4,
+         "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 6,
          "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.checkpoint_every": 2,
          "kd.chunk_size": 48, "eval.num_samples": 0, "baseline": False, "mesh.data": 2, "mesh.fsdp": 2,
          "mesh.tensor": 2}
@@ -118,17 +124,40 @@ def hf_params(path):
     return dict(checkpoint.iter_hf_dir(str(path)))
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_kd_on_n_processes_equals_one_process(setup, tmp_path, n):
-    launch(WORKER, 1, "distill", fields(setup, tmp_path / "one"))
-    launch(WORKER, n, "distill", fields(setup, tmp_path / "many"))
-    one, many = losses(tmp_path / "one"), losses(tmp_path / "many")
-    assert [s for s, _ in one] == [1, 2, 3, 4] == [s for s, _ in many]  # written once, by process 0
-    np.testing.assert_allclose([l for _, l in many], [l for _, l in one], rtol=1e-5)
-    a, b = hf_params(tmp_path / "one" / "student"), hf_params(tmp_path / "many" / "student")
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """The reference: 6 KD steps in one process on the global 2x2x2 mesh."""
+    out = tmp_path_factory.mktemp("one")
+    launch(WORKER, 1, "distill", fields(setup, out))
+    return out
+
+
+def test_kd_on_2_processes_equals_one_and_its_checkpoint_continues_in_1_process_on_another_mesh(
+        setup, one_process, tmp_path):
+    launch(WORKER, 2, "distill", fields(setup, tmp_path))
+    assert_same_run(one_process, tmp_path)
+    # the run "stopped" after its step-4 checkpoint (written by 2 processes): 1 process, mesh 1x4x2
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    launch(WORKER, 1, "distill", fields(setup, tmp_path, resume=True, **{"mesh.data": 1, "mesh.fsdp": 4}))
+    one, cut = dict(losses(one_process)), dict(losses(tmp_path))
+    assert sorted(cut) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([cut[s] for s in (5, 6)], [one[s] for s in (5, 6)], rtol=1e-5)
+
+
+def test_kd_on_4_processes_equals_one(setup, one_process, tmp_path):
+    launch(WORKER, 4, "distill", fields(setup, tmp_path))
+    assert_same_run(one_process, tmp_path)
+
+
+def assert_same_run(one, many):
+    """Same losses (written once, by process 0) and the same exported student."""
+    a, b = losses(one), losses(many)
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6] == [s for s, _ in b]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-5)
+    pa, pb = hf_params(one / "student"), hf_params(many / "student")
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_grpo_step_on_2_processes_equals_one_process(setup, tmp_path):
@@ -141,21 +170,6 @@ def test_grpo_step_on_2_processes_equals_one_process(setup, tmp_path):
     assert len(one) == len(two) == 1
     for k in ("loss", "grad_norm", "reward_total", "kl"):
         assert two[0][k] == pytest.approx(one[0][k], rel=1e-5, abs=1e-8), k
-
-
-def test_checkpoint_of_2_processes_continues_in_1_process_on_another_mesh(setup, tmp_path):
-    launch(WORKER, 1, "distill", fields(setup, tmp_path / "whole", **{"train.steps": 6}))
-    launch(WORKER, 2, "distill", fields(setup, tmp_path / "cut", **{"train.steps": 6, "train.checkpoint_every": 2,
-                                                                     "eval.before": False}))
-    # drop the last checkpoint: the run "stopped" after step 4
-    ckpts = tmp_path / "cut" / "checkpoints"
-    import shutil
-    shutil.rmtree(ckpts / "6")
-    launch(WORKER, 1, "distill", fields(setup, tmp_path / "cut", resume=True,
-                                        **{"train.steps": 6, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}))
-    whole, cut = dict(losses(tmp_path / "whole")), dict(losses(tmp_path / "cut"))
-    assert sorted(cut) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([cut[s] for s in (5, 6)], [whole[s] for s in (5, 6)], rtol=1e-5)
 
 
 def test_each_process_places_its_own_rows_and_together_all(setup):

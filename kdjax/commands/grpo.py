@@ -4,19 +4,10 @@ With no flags: SmolLM2-135M-Instruct (from pip) on HumanEval problems (from pip)
 CPU, then greedy pass@1 / format / steps on held-out problems before and after (report.md).
 --config=configs/grpo_mbpp.py is the paper's run; kdjax/training/grpo.py says what a step does.
 """
+
 import os
 
-from absl import app
-
 import kdjax.grpo_config
-from kdjax.commands import train_flags
-from kdjax.commands.train_flags import run
+from kdjax.commands.train_flags import command
 
-train_flags.define_flags(os.path.abspath(kdjax.grpo_config.__file__))
-FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    run("grpo")
+main, FLAG_MODULES = command("grpo", os.path.abspath(kdjax.grpo_config.__file__))  # --config, --resume, ...

@@ -4,16 +4,7 @@ Takes the distillation configs (--config=configs/NAME.py; no flags: the default 
 data, with MiniLLM's loss); --config.minillm.alpha and .max_new_tokens tune the sampling.
 kdjax/training/minillm.py says what a step computes. The report is `kdjax distill`'s.
 """
-from absl import app
 
-from kdjax.commands import train_flags
-from kdjax.commands.train_flags import run
+from kdjax.commands.train_flags import command
 
-train_flags.define_flags()
-FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    run("minillm")
+main, FLAG_MODULES = command("minillm")  # --config, --resume, --overwrite, --distributed

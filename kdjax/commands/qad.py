@@ -13,17 +13,7 @@ In `kdjax distill`, --config.quant.aware=True runs QAD on the distilled student 
 """
 import os
 
-from absl import app
-
 import kdjax.qad_config
-from kdjax.commands import train_flags
-from kdjax.commands.train_flags import run
+from kdjax.commands.train_flags import command
 
-train_flags.define_flags(os.path.abspath(kdjax.qad_config.__file__))
-FLAG_MODULES = (train_flags,)  # --config, --resume, --overwrite, --distributed
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    run("qad")
+main, FLAG_MODULES = command("qad", os.path.abspath(kdjax.qad_config.__file__))  # --config, --resume, --overwrite, --distributed

@@ -47,6 +47,11 @@ def initialize_distributed():
             raise UserError(f"--process_id={FLAGS.process_id}: must be in [0, --num_processes={FLAGS.num_processes})")
     if jax.config.jax_platforms and "cpu" in jax.config.jax_platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
+        # Processes that compile the same step at different speeds (a loaded machine) meet at its
+        # first collective minutes apart, not XLA's default 30 s.
+        if "xla_cpu_collective_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_timeout_seconds=1800"
+                                       ).strip()
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
 
@@ -61,3 +66,16 @@ def run(mode: str):
         cfg.resume = True
     from kdjax.training.run import run as run_training
     return run_training(cfg, mode, overwrite=FLAGS.overwrite)
+
+
+def command(mode: str, default_config: str = DEFAULT_CONFIG):
+    """(main, FLAG_MODULES) of the training command `kdjax MODE`: its module defines nothing else."""
+    import sys
+    define_flags(default_config)
+
+    def main(argv):
+        from absl import app
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+        run(mode)
+    return main, (sys.modules[__name__],)

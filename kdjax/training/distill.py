@@ -140,14 +140,18 @@ def validation(cfg, tokenizer, splits, rows):
     return run
 
 
+def loss_of(cfg, model, teacher, mesh, tokenizer=None):
+    """The KD (or, without a teacher, SFT) loss of these models, as the loop's step takes it."""
+    return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
+                   nnx.graphdef(teacher), kd=cfg.kd, vocab_size=None if teacher is None else
+                   shared_vocab(model, teacher, tokenizer), mesh=mesh if mesh.size > 1 else None,
+                   packed=bool(cfg.data.packing))
+
+
 def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None) -> Task:
     """KD of `model` from `teacher` (SFT when teacher is None) as the loop runs it; `batches`
     replaces the data rows (GKD's on-policy source)."""
-    graphdef = nnx.graphdef(model)
-    tgraph = None if teacher is None else nnx.graphdef(teacher)
-    vocab = None if teacher is None else shared_vocab(model, teacher, tokenizer)
-    loss = partial(kd_loss, graphdef=graphdef, teacher_graphdef=tgraph, kd=cfg.kd, vocab_size=vocab,
-                   mesh=mesh if mesh.size > 1 else None, packed=bool(cfg.data.packing))
+    loss = loss_of(cfg, model, teacher, mesh, tokenizer)
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
                 batches=batches or RowBatches(rows["train"], cfg.train.batch_size, cfg.train.seed),
                 frozen=None if teacher is None else nnx.to_pure_dict(nnx.state(teacher)), evaluate=evaluate)

@@ -70,6 +70,12 @@ def grpo_loss(params, batch, ref_params, totals, *, graphdef, ref_graphdef, beta
     return loss, {"kl": kl}
 
 
+def loss_of(cfg, policy, ref, mesh):
+    """GRPO's loss of this policy (and reference model, None when grpo.beta is 0), as the step takes it."""
+    return partial(grpo_loss, graphdef=nnx.graphdef(policy), ref_graphdef=None if ref is None else nnx.graphdef(ref),
+                   beta=float(cfg.grpo.beta), chunk_size=cfg.kd.chunk_size, mesh=mesh if mesh.size > 1 else None)
+
+
 def completion_totals(batch) -> dict:
     return {"rows": jnp.asarray(batch["loss_mask"].shape[0], jnp.float32),
             "tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
@@ -214,9 +220,7 @@ def train(cfg, reward_fn: Callable | None = None, *, overwrite: bool = False) ->
         ref = load_frozen(src, cfg, mesh)[0] if g.beta > 0 else None
         weights = dict(g.weights)
         rewards_of = reward_fn or (lambda texts, rec: R.group_rewards(texts, rec, weights, timeout_s=g.test_timeout))
-        loss = partial(grpo_loss, graphdef=nnx.graphdef(policy), ref_graphdef=None if ref is None else
-                       nnx.graphdef(ref), beta=float(g.beta), chunk_size=cfg.kd.chunk_size,
-                       mesh=mesh if mesh.size > 1 else None)
+        loss = loss_of(cfg, policy, ref, mesh)
         valid = prompts["valid"].records
         evaluate = (lambda m: {k: v for k, v in evaluate_policy(m, tokenizer, valid, cfg).items() if k != "samples"}) \
             if tc.eval_every else None

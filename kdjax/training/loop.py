@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from kdjax.errors import ConfigError
-from kdjax.sharding import place_rows
+from kdjax.sharding import call_compiled, place_rows
 from kdjax.training.progress import Progress
 from kdjax.training.rundir import RunDir, RunError
 from kdjax.training.state import Loss, Totals, batch_sharding, init_state, make_optimizer, update
@@ -108,6 +108,17 @@ def check_finite(metrics: dict, step: int, run: RunDir, last_good: int):
             f"{run.ckpt_dir} (--resume continues from it; lower --config.train.lr?)")
 
 
+def jit_update(tx, loss, totals, accum: int, state_sh, frozen, mesh):
+    """The step every trainer runs, compiled once: state.update with the trainer's loss, state
+    and its shardings in and out (donated), the batch split over the data-parallel devices, the
+    frozen models' params as they are placed. (kdjax.programs compiles this same function for
+    `kdjax plan`.)"""
+    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    return jax.jit(partial(update, tx=tx, loss=loss, totals=totals, accum=accum),
+                   in_shardings=(state_sh, batch_sharding(mesh), frozen_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
+
+
 def fit(cfg, task: Task, run: RunDir) -> dict:
     """Trains `task` for cfg.train.steps (resuming from `run` with cfg.resume); returns {"model":
     the model to keep (the best validation one with train.select_best, else the last), "last":
@@ -115,10 +126,7 @@ def fit(cfg, task: Task, run: RunDir) -> dict:
     tc, mesh = cfg.train, task.mesh
     tx = make_optimizer(tc)
     graphdef, state, state_sh = init_state(task.model, tx, mesh)
-    frozen_sh = None if task.frozen is None else jax.tree.map(lambda x: x.sharding, task.frozen)
-    step_fn = jax.jit(partial(update, tx=tx, loss=task.loss, totals=task.totals, accum=tc.grad_accum),
-                      in_shardings=(state_sh, batch_sharding(mesh), frozen_sh), out_shardings=(state_sh, None),
-                      donate_argnums=0)
+    step_fn = jit_update(tx, task.loss, task.totals, tc.grad_accum, state_sh, task.frozen, mesh)
     run.open_checkpoints(tc.keep_checkpoints)
     start = 0
     if cfg.resume:
@@ -139,7 +147,7 @@ def fit(cfg, task: Task, run: RunDir) -> dict:
         with jax.set_mesh(mesh):  # activations are constrained through the rule table on this mesh
             for step in range(start, tc.steps):
                 batch = task.batches(step, model_of(state))
-                new_state, metrics = step_fn(state, place_rows(batch.arrays, mesh), task.frozen)
+                new_state, metrics = call_compiled(step_fn, state, place_rows(batch.arrays, mesh), task.frozen)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 done = step + 1
                 if tc.check_finite:

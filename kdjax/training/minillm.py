@@ -83,6 +83,15 @@ def minillm_loss(params, batch, teacher_params, totals, *, graphdef, teacher_gra
     return loss, metrics
 
 
+def loss_of(cfg, student, teacher, mesh, tokenizer=None):
+    """MiniLLM's loss of these models, as the step takes it."""
+    m = cfg.minillm
+    return partial(minillm_loss, graphdef=nnx.graphdef(student), teacher_graphdef=nnx.graphdef(teacher),
+                   vocab_size=shared_vocab(student, teacher, tokenizer), chunk_size=cfg.kd.chunk_size,
+                   alpha=float(m.alpha), ce_weight=float(m.ce_weight), mesh=mesh if mesh.size > 1 else None,
+                   packed=bool(cfg.data.packing))
+
+
 def minillm_totals(batch) -> dict:
     out = {"tokens": jnp.maximum(jnp.sum(batch["samples"]["loss_mask"]), 1.0),
            "rows": jnp.asarray(batch["samples"]["loss_mask"].shape[0], jnp.float32)}
@@ -165,11 +174,7 @@ def train(cfg, *, overwrite: bool = False) -> dict:
         if prompts.width + cfg.minillm.max_new_tokens > context:
             raise ConfigError("minillm.max_new_tokens", f"={cfg.minillm.max_new_tokens} plus prompts of up to "
                                                         f"{prompts.width} tokens exceed the context of {context}")
-        m = cfg.minillm
-        loss = partial(minillm_loss, graphdef=nnx.graphdef(student), teacher_graphdef=nnx.graphdef(teacher),
-                       vocab_size=shared_vocab(student, teacher, tokenizer), chunk_size=cfg.kd.chunk_size,
-                       alpha=float(m.alpha), ce_weight=float(m.ce_weight), mesh=mesh if mesh.size > 1 else None,
-                       packed=bool(cfg.data.packing))
+        loss = loss_of(cfg, student, teacher, mesh, tokenizer)
         evaluate = distill.validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
         task = Task(name="minillm", model=student, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=minillm_totals,
                     batches=MixedSamples(cfg, prompts, teacher, tokenizer, rows["train"]),

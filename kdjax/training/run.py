@@ -14,6 +14,7 @@ from kdjax.checkpoint import load, save
 from kdjax.errors import ConfigError
 from kdjax.quant.export_gptq import load_gptq
 from kdjax.quant.report import served_bytes
+from kdjax.train_config import override
 from kdjax.training import distill, gkd, grpo, minillm, qad
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
@@ -56,11 +57,9 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         _check_qad_stage(cfg)
     context = _context(cfg)
     stages, kcfg = {}, cfg.copy_and_resolve_references()
-    tcfg = _stage_config(cfg, "teacher_sft", mode="sft", **{
-        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
-        "train.eval_every": 0, "train.select_best": "", "student": ""})
-    bcfg = _stage_config(kcfg, "sft_baseline", mode="sft", student="")
-    qcfg = _stage_config(kcfg, "qad", mode="qad", **_qad_fields(cfg))
+    tcfg = teacher_sft_config(cfg, os.path.join(cfg.out_dir, "teacher_sft"))
+    bcfg = _stage_config(kcfg, os.path.join(cfg.out_dir, "sft_baseline"), mode="sft", student="")
+    qcfg = qad_stage_config(kcfg)
     # every stage's run directory is checked first (locked? an earlier run's checkpoints?), so a
     # conflict is reported at once, not after the stages before it have trained
     for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline), (qcfg, cfg.quant.aware)):
@@ -70,7 +69,7 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         stages["teacher SFT"] = _stage(tcfg, distill.train, "sft", overwrite)
         kcfg.teacher = stages["teacher SFT"]["export"]
     if not cfg.student:  # the student is the (fine-tuned) teacher's layers: saved once, so the baseline shares it
-        kcfg.student = _student_init(kcfg, overwrite)
+        kcfg.student = student_init(kcfg)
     stages[AFTER[mode]] = _stage(kcfg, TRAINERS[mode], "student", overwrite)
     if cfg.baseline:
         bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
@@ -103,6 +102,20 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     return cfg.out_dir
 
 
+def teacher_sft_config(cfg, out_dir: str):
+    """The teacher's fine-tuning stage of cfg: `kdjax sft` of cfg.teacher for teacher_sft.steps at
+    teacher_sft.lr on the same data, into out_dir."""
+    return _stage_config(cfg, out_dir, mode="sft", **{
+        "train.steps": cfg.teacher_sft.steps, "train.lr": cfg.teacher_sft.lr, "train.epochs": 0.0,
+        "train.eval_every": 0, "train.select_best": "", "student": ""})
+
+
+def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
+    """Fine-tunes cfg.teacher as its teacher_sft section says (or takes a finished one with
+    cfg.resume); the HF directory of the fine-tuned teacher."""
+    return _stage(teacher_sft_config(cfg, out_dir), distill.train, "sft", overwrite)["export"]
+
+
 # ---- int4: QAD of a float model, and the int4 rows of a KD report ----------------------------------
 def run_qad(cfg, *, overwrite: bool = False) -> str:
     """`kdjax qad`: QAD of a float model (kdjax/training/qad.py), then the int4 report: the float
@@ -126,13 +139,14 @@ def _check_qad_stage(cfg):
         raise ConfigError("quant.steps", f"={cfg.quant.steps}: the QAD stage (quant.aware) needs >= 1 step")
     if cfg.quant.aware and not cfg.quant.lr > 0:
         raise ConfigError("quant.lr", f"={cfg.quant.lr}: must be > 0")
-    qad.check_config(_stage_config(cfg, "qad", mode="qad", **_qad_fields(cfg)))
+    qad.check_config(qad_stage_config(cfg))
 
 
-def _qad_fields(cfg) -> dict:
-    """The QAD stage of a KD run: its own steps and lr, the last step kept."""
-    return {"train.steps": cfg.quant.steps, "train.lr": cfg.quant.lr, "train.epochs": 0.0, "train.weight_decay": 0.0,
-            "train.select_best": "", "train.eval_every": 0}
+def qad_stage_config(cfg):
+    """The QAD stage of a KD run (quant.aware), in out_dir/qad: its own steps and lr, the last step kept."""
+    return _stage_config(cfg, os.path.join(cfg.out_dir, "qad"), mode="qad", **{
+        "train.steps": cfg.quant.steps, "train.lr": cfg.quant.lr, "train.epochs": 0.0, "train.weight_decay": 0.0,
+        "train.select_best": "", "train.eval_every": 0})
 
 
 def _student_gptq(qcfg, student: str, result, qad_stage) -> str:
@@ -152,17 +166,11 @@ def _context(cfg) -> dict:
     return dict(splits=splits, tokenizer=tokenizer, mesh=mesh)
 
 
-def _stage_config(cfg, name: str, **fields):
-    """cfg for a stage that runs in out_dir/name, with `fields` ("train.lr": ...) changed."""
+def _stage_config(cfg, out_dir: str, **fields):
+    """cfg for a stage that runs in out_dir, with `fields` ("train.lr": ...) changed."""
     c = cfg.copy_and_resolve_references()
-    c.out_dir = os.path.join(cfg.out_dir, name)
-    for key, value in fields.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    c.out_dir = out_dir
+    return override(c, fields)
 
 
 def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
@@ -189,12 +197,13 @@ def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
     return info
 
 
-def _student_init(cfg, overwrite: bool) -> str:
-    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format."""
+def student_init(cfg) -> str:
+    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format
+    (with cfg.resume, the one the interrupted run started from)."""
     from kdjax.checkpoint import load_tokenizer
     path = os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
-        return path  # the one the interrupted run started from
+        return path
     teacher, tokenizer = load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.teacher_param_dtype or cfg.dtype)
     student = student_from_teacher(teacher, parse_layers(cfg.student_layers, teacher.config.num_layers),
                                    param_dtype=cfg.param_dtype)

@@ -1,0 +1,183 @@
+"""A study: the same KD run over a grid of config values and seeds, as one table and one plot.
+
+    kdjax study --grid="teacher_sft.steps=0,60 kd.divergence=forward_kl,reverse_kl kd.kd_ratio=0,0.5,1"
+                --seeds=0,1,2 --config.out_dir=runs/study
+
+Every cell of the grid is trained once per seed (`train.seed`: the data order) for the same student
+steps, then scored on the test prompts (Rouge-L, its Unicode variant, the test rows' loss). Cells
+that differ only in fields their run does not use are one run: at kd_ratio 0 (the data's
+cross-entropy alone) the divergence and its parameters do not matter. Teachers are fine-tuned once
+per distinct teacher_sft setting and shared by every cell that uses them. Each run keeps its own
+directory under out_dir (a finished one is not run again with --resume), and study.md /
+study.json / study.png hold the mean and spread over seeds of every cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+from kdjax import evaluate
+from kdjax.errors import UserError
+from kdjax.train_config import override
+from kdjax.training import distill
+from kdjax.training.run import run_teacher_sft, student_init
+
+METRICS = ("rougeL", "rougeL_unicode", "loss")
+UNUSED_AT_KD_RATIO_0 = {"kd.divergence": "forward_kl", "kd.temperature": 1.0, "kd.beta": 0.5, "kd.alpha": 0.1}
+
+
+def parse_grid(spec: str, cfg) -> dict[str, list]:
+    """"a.b=1,2 c=x,y" -> {"a.b": [1, 2], "c": ["x", "y"]}, each value of the field's type."""
+    grid = {}
+    for item in spec.split():
+        field, eq, values = item.partition("=")
+        if not eq or not values:
+            raise UserError(f"--grid: {item!r} is not FIELD=V1,V2,...")
+        current = _get(cfg, field)
+        kind = type(current)
+        try:
+            grid[field] = [kind(v) if kind is not bool else v.lower() in ("1", "true", "yes") for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid: {field}={values}: the field is a {kind.__name__}") from None
+    return grid
+
+
+def _get(cfg, field: str):
+    node = cfg
+    for part in field.split("."):
+        if part not in node:
+            raise UserError(f"--grid: the config has no field {field!r}")
+        node = node[part]
+    return node
+
+
+def cells(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, those that run the same training merged."""
+    out, seen = [], set()
+    for values in itertools.product(*grid.values()):
+        cell = dict(zip(grid, values))
+        key = json.dumps(effective(cell), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(cell)
+    return out
+
+
+def effective(cell: dict) -> dict:
+    """The cell's values that change its run (kd fields are unused at kd_ratio 0)."""
+    if cell.get("kd.kd_ratio", None) == 0:
+        return {k: v for k, v in cell.items() if k not in UNUSED_AT_KD_RATIO_0}
+    return dict(cell)
+
+
+def label(cell: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in effective(cell).items())
+
+
+def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool = False) -> dict:
+    """Trains and scores every (cell, seed); writes out_dir/study.{json,md,png}; returns the summary."""
+    distill.check_config(cfg)
+    context = distill.prepare(cfg)
+    splits, tokenizer = context[0], context[1]
+    records = distill.eval_records(splits["test"], tokenizer, cfg, cfg.eval.num_samples)
+    if not records:
+        raise UserError("--config.eval.num_samples: a study scores the test prompts; it must be > 0")
+    teachers = {}
+    runs = []
+    for cell in cells(grid):
+        for seed in seeds:
+            c = override(cfg.copy_and_resolve_references(), {**cell, "train.seed": seed, "baseline": False,
+                                                               "mode": "distill"})
+            tag = hashlib.sha1(json.dumps([effective(cell), seed], sort_keys=True).encode()).hexdigest()[:8]
+            c.out_dir = os.path.join(cfg.out_dir, f"run-{tag}")
+            if c.teacher_sft.steps:  # a fine-tuned teacher, once per setting
+                key = (c.teacher, c.teacher_sft.steps, c.teacher_sft.lr)
+                if key not in teachers:
+                    teachers[key] = run_teacher_sft(c, os.path.join(cfg.out_dir, f"teacher-{len(teachers)}"), overwrite)
+                c.teacher = teachers[key]
+            runs.append(dict(cell=effective(cell), seed=seed, **_one_run(c, records, tokenizer, overwrite)))
+            print(f"study: {label(cell)}, seed {seed}: Rouge-L {runs[-1]['rougeL']:.2f} "
+                  f"(loss {runs[-1]['loss']:.4f}, {runs[-1]['seconds']:.0f} s)", flush=True)
+    summary = summarize(runs)
+    write(cfg.out_dir, runs, summary, grid, seeds)
+    return summary
+
+
+def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
+    done = os.path.join(c.out_dir, "study_run.json")
+    if c.resume and os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    t0 = time.time()
+    if not c.student:
+        c.student = student_init(c)
+    result = distill.train(c, overwrite=overwrite)
+    ec = c.eval
+    scores = evaluate.evaluate(result["student"], tokenizer, records, max_length=c.data.max_length,
+                               template=c.data.template, batch_size=ec.batch_size,
+                               seeds=[int(s) for s in str(ec.seeds).split(",")], temperature=ec.temperature,
+                               top_p=ec.top_p, max_new_tokens=ec.max_new_tokens)
+    out = {k: float(scores[k]) for k in METRICS}
+    out.update(seconds=round(time.time() - t0, 1), steps=c.train.steps, out_dir=c.out_dir)
+    with open(done, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per cell: mean and population std over its seeds of each metric, and the mean wall time."""
+    by_cell = {}
+    for r in runs:
+        by_cell.setdefault(json.dumps(r["cell"], sort_keys=True), []).append(r)
+    out = []
+    for rs in by_cell.values():
+        row = {"cell": rs[0]["cell"], "seeds": [r["seed"] for r in rs], "seconds": float(np.mean([r["seconds"] for r in rs]))}
+        for m in METRICS:
+            values = np.array([r[m] for r in rs], np.float64)
+            row[m], row[m + "_std"] = float(values.mean()), float(values.std())
+        out.append(row)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| run | Rouge-L | Rouge-L unicode | test loss | seeds | time a run |", "|---|---|---|---|---|---|"]
+    for r in summary:
+        name = ", ".join(f"{k}={v}" for k, v in r["cell"].items()) or "(config as given)"
+        lines.append(f"| {name} | {r['rougeL']:.2f} ± {r['rougeL_std']:.2f} | {r['rougeL_unicode']:.2f} ± "
+                     f"{r['rougeL_unicode_std']:.2f} | {r['loss']:.4f} ± {r['loss_std']:.4f} | {len(r['seeds'])} | "
+                     f"{r['seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: str, runs, summary, grid, seeds):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "study.json"), "w") as f:
+        json.dump({"grid": grid, "seeds": seeds, "runs": runs, "summary": summary}, f, indent=2)
+    text = table(summary)
+    with open(os.path.join(out_dir, "study.md"), "w") as f:
+        f.write(text)
+    plot(summary, os.path.join(out_dir, "study.png"))
+    print("\n" + text, flush=True)
+
+
+def plot(summary: list[dict], path: str):
+    """Rouge-L (left) and test loss (right) of every cell, mean with a bar of +/- one std."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    names = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r["cell"].items()) for r in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 3), 4.5))
+    for ax, metric, title in ((axes[0], "rougeL", "Rouge-L (test prompts)"), (axes[1], "loss", "test loss (nats)")):
+        ax.bar(range(len(names)), [r[metric] for r in summary], yerr=[r[metric + "_std"] for r in summary],
+               capsize=3, color="#4C72B0")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
