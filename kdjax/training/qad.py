@@ -197,12 +197,13 @@ class QADTask:
         """The float model with fake-quantized kernels: forward == the int4 model's, bit for bit."""
         return nnx.merge(nnx.graphdef(self.model), student_params(self.parts(trainable), self.qm.bits))
 
-    def export(self, trainable: Trainable, seconds: float = 0.0):
+    def export(self, trainable: Trainable, seconds: float = 0.0, float_dtype: str = "float32"):
         """(the float model with the trained norms, the int4 layers of `trainable`): what the GPTQ
-        checkpoint holds."""
+        checkpoint holds, its float parameters rounded to `float_dtype` as the checkpoint stores them."""
         parts, qm = self.parts(trainable), self.qm
         _, rest = split_norms(nnx.to_pure_dict(nnx.state(self.model)))
-        model = nnx.merge(nnx.graphdef(self.model), union(rest, parts["norms"]))
+        params = jax.tree.map(lambda x: x.astype(float_dtype).astype(x.dtype), union(rest, parts["norms"]))
+        model = nnx.merge(nnx.graphdef(self.model), params)
         return model, fake_quant.quantized_model(
             parts["u"], fake_quant.map_linears(jnp.exp, parts["log_scale"]), parts["zero"], parts["g_idx"],
             bits=qm.bits, group_size=qm.group_size, sym=qm.sym, desc_act=qm.desc_act, method="qad",
@@ -257,7 +258,7 @@ def train(cfg, *, overwrite: bool = False) -> dict:
         qt = qad_task(cfg, model, teacher, tokenizer, mesh, rows, qm, evaluate)
         t0 = time.time()
         result = fit(cfg, qt.task, run)
-        model, out = qt.export(result["model"], seconds=time.time() - t0)
+        model, out = qt.export(result["model"], seconds=time.time() - t0, float_dtype=cfg.quant.float_dtype)
         path = os.path.join(cfg.out_dir, INT4)
         if jax.process_index() == 0:
             save_gptq(model, out, path, tokenizer=tokenizer, dtype=cfg.quant.float_dtype)
