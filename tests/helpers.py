@@ -16,3 +16,28 @@ def run_kdjax(*args, timeout=600):
     """`python -m kdjax ARGS` from the repository root; the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, "-m", "kdjax", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+class Crash(Exception):
+    """What `crash_at` raises: the process dying in the middle of a run."""
+
+
+def crash_at(monkeypatch, module, step: int):
+    """module.fit (the loop, as the trainer `module` calls it) raises Crash when a run that is not
+    resumed asks for the batch of `step` (0-based); returns the real fit (to set back)."""
+    real_fit = module.fit
+
+    def crashing_fit(cfg, task, run):
+        inner = task.batches
+
+        class Batches:
+            examples, rows = inner.examples, inner.rows
+
+            def __call__(self, at, model):
+                if at == step and not cfg.resume:
+                    raise Crash()
+                return inner(at, model)
+        task.batches = Batches()
+        return real_fit(cfg, task, run)
+    monkeypatch.setattr(module, "fit", crashing_fit)
+    return real_fit

@@ -17,11 +17,11 @@ from kdjax.config import ModelConfig
 from kdjax.errors import ConfigError, UserError
 from kdjax.quant import fake_quant, grid
 from kdjax.quant.aqt_pass import to_int4_model
-from kdjax.quant.export_gptq import load_gptq
+from kdjax.quant.export_gptq import load_gptq, read_gptq
 from kdjax.quant.quantize import quantize_model
 from kdjax.training import qad
 from kdjax.training.run import run
-from helpers import set_fields
+from helpers import Crash, crash_at, run_kdjax, set_fields
 from test_quant_common import logits, tiny_gptq
 from test_quant_export import HAS_GPTQ_LOADER, gptqmodel_logits, rel_err, restore_environ  # noqa: F401 (a fixture)
 
@@ -136,8 +136,13 @@ def config(setup, out, mode="qad", **kw):
 
 @pytest.fixture(scope="module")
 def trained(setup, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qad_run")
-    return out, qad.train(config(setup, out))
+    """`kdjax qad` (training, then its report): (out_dir, what qad.train returned)."""
+    out, results = tmp_path_factory.mktemp("qad_run"), []
+    real_train = qad.train
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qad, "train", lambda cfg, **kw: results.append(real_train(cfg, **kw)) or results[-1])
+        run(config(setup, out, **{"eval.num_samples": 2, "eval.max_new_tokens": 4}), "qad")
+    return out, results[0]
 
 
 def held_out_rows(result):
@@ -163,36 +168,36 @@ def test_qad_lowers_the_int4_divergence_below_gptq_on_held_out_rows(setup, train
     np.testing.assert_array_equal(np.asarray(logits(after, ids)), np.asarray(logits(result["student"], ids)))
 
 
+def test_qad_report_has_float_rtn_gptq_and_qad_rows(trained):
+    out, _ = trained
+    rep = json.load(open(out / "report.json"))["results"]
+    assert list(rep) == ["float model (teacher)", "int4 rtn", "int4 gptq (the start)", "int4 after QAD"]
+    assert all(r["loss"] > 0 and "rougeL" in r and "retention" in r for r in rep.values())
+    sizes = [r["size_bytes"] for r in rep.values()]
+    assert sizes[1] == sizes[2] == sizes[3] < sizes[0]
+    assert "size MiB" in open(out / "report.md").read() and os.path.exists(out / "curves.png")
+
+
 @pytest.mark.skipif(not HAS_GPTQ_LOADER, reason="gptqmodel + optimum not installed (optimum==2.3.0, gptqmodel==7.6.0)")
-def test_qad_result_loads_in_transformers_gptqmodel(trained, restore_environ):
+def test_qad_result_exports_and_loads_in_transformers_gptqmodel(trained, tmp_path, restore_environ):
     out, result = trained
+    exported = tmp_path / "exported"
+    proc = run_kdjax("export", "--format=gptq", f"--model={out / qad.INT4}", f"--out={exported}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_gptq(str(out / qad.INT4))[1], read_gptq(str(exported))[1]
+    assert b.method == a.method and b.desc_act and sorted(b.linears) == sorted(a.linears)
+    for path, q in a.linears.items():  # re-packed unchanged
+        for field in ("codes", "zeros", "scales", "g_idx"):
+            np.testing.assert_array_equal(getattr(b.linears[path], field), getattr(q, field), err_msg=path)
     ids, _ = held_out_rows(result)
     ours = np.asarray(logits(load_gptq(str(out / qad.INT4))[0], ids))
-    err = rel_err(gptqmodel_logits(str(out / qad.INT4), np.asarray(ids)), ours)
+    err = rel_err(gptqmodel_logits(str(exported), np.asarray(ids)), ours)
     assert err < 1e-2, err
-
-
-class Crash(Exception):
-    pass
 
 
 def test_a_killed_qad_run_resumes_bit_identical(setup, trained, tmp_path, monkeypatch):
     full, _ = trained
-    real_fit = qad.fit
-
-    def crashing_fit(cfg, task, run):  # dies at step 6, after the step-4 checkpoint
-        inner = task.batches
-
-        class Batches:
-            examples, rows = inner.examples, inner.rows
-
-            def __call__(self, step, model):
-                if step == 5 and not cfg.resume:
-                    raise Crash()
-                return inner(step, model)
-        task.batches = Batches()
-        return real_fit(cfg, task, run)
-    monkeypatch.setattr(qad, "fit", crashing_fit)
+    crash_at(monkeypatch, qad, 5)  # dies at step 6, after the step-4 checkpoint
     with pytest.raises(Crash):
         qad.train(config(setup, tmp_path))
     qad.train(config(setup, tmp_path, resume=True))
@@ -219,8 +224,8 @@ def test_qad_config_errors(setup, tmp_path):
 
 
 def test_distill_with_qad_stage_reports_float_gptq_and_qad(setup, tmp_path):
-    cfg = config(setup, tmp_path, mode="distill", student_layers="0,1", **{
-        "train.steps": 2, "quant.aware": True, "quant.report": True, "quant.steps": 2,
+    cfg = config(setup, tmp_path, mode="distill", student_layers="0", **{
+        "train.steps": 2, "quant.aware": True, "quant.report": True, "quant.steps": 2, "quant.train_scales": False,
         "eval.num_samples": 2, "eval.max_new_tokens": 4, "eval.before": False})
     run(cfg, "distill")
     rep = json.load(open(tmp_path / "report.json"))["results"]
@@ -231,5 +236,8 @@ def test_distill_with_qad_stage_reports_float_gptq_and_qad(setup, tmp_path):
     assert gptq_size == qad_size < float_size and abs(qad_size - checkpoint_bytes) < 0.01 * checkpoint_bytes
     assert all(rep[k]["loss"] > 0 and "rougeL" in rep[k] for k in rep)
     assert "size MiB" in open(tmp_path / "report.md").read()
-    assert json.load(open(tmp_path / "qad" / qad.INT4 / "config.json"))["quantization_config"]["bits"] == 4
+    start, after = read_gptq(str(tmp_path / "qad" / qad.START))[1], read_gptq(str(tmp_path / "qad" / qad.INT4))[1]
+    assert after.bits == 4 and after.method == "qad"
+    for path, q in start.linears.items():  # quant.train_scales=False: the start's grid, frozen
+        np.testing.assert_array_equal(after.linears[path].scales, q.scales, err_msg=path)
     assert os.path.exists(tmp_path / "qad" / "curves.png")

@@ -119,15 +119,21 @@ def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
 # ---- int4: QAD of a float model, and the int4 rows of a KD report ----------------------------------
 def run_qad(cfg, *, overwrite: bool = False) -> str:
     """`kdjax qad`: QAD of a float model (kdjax/training/qad.py), then the int4 report: the float
-    model, its int4 start (RTN or GPTQ) and the int4 model after QAD (both read back from their
-    GPTQ checkpoints), each with Rouge-L, validation loss, retention against the teacher and size."""
+    model, RTN on the same grid (out_dir/rtn, when the start is GPTQ), its int4 start and the int4
+    model after QAD (each read back from its GPTQ checkpoint), each with Rouge-L, validation loss,
+    retention against the teacher and size."""
     result = qad.train(cfg, overwrite=overwrite)
     float_label = "float model" + (" (teacher)" if cfg.quant.teacher == "self" else "")
     rows = []
     if cfg.quant.teacher == "teacher" and cfg.eval.before:
         rows.append(("teacher", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))
-    rows += [(float_label, lambda: load(result["source"], dtype=cfg.dtype, mesh=result["mesh"])[0]),
-             (f"int4 {cfg.quant.start} (the start)", lambda: load_gptq(result["start"], dtype=cfg.dtype)[0]),
+    rows.append((float_label, lambda: load(result["source"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    if cfg.quant.start != "rtn":  # RTN takes seconds: the baseline every int4 method must beat
+        rtn = os.path.join(cfg.out_dir, "rtn")
+        qad.int4_start(cfg, load(result["source"], dtype="float32")[0], result["tokenizer"], result["splits"]["train"],
+                       rtn, method="rtn")
+        rows.append(("int4 rtn", lambda: load_gptq(rtn, dtype=cfg.dtype)[0]))
+    rows += [(f"int4 {cfg.quant.start} (the start)", lambda: load_gptq(result["start"], dtype=cfg.dtype)[0]),
              ("int4 after QAD", lambda: load_gptq(result["export"], dtype=cfg.dtype)[0])]
     teacher = float_label if cfg.quant.teacher == "self" else ("teacher" if cfg.eval.before else None)
     _evaluate_and_report(cfg, result, rows, teacher=teacher, sizes=True)
