@@ -21,10 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data.max_length = 256  # rows as long as `kdjax quantize --report` measures perplexity on
 
-    c.train.steps = 40
+    # the recipe measured in docs/quantization.md (lr 0.01 with the RMSNorm scales training made
+    # the GPTQ start worse: 12.37 -> 14.82 perplexity in 30 steps; this one: 12.37 -> 12.09)
+    c.quant.train_norms = False
+    c.train.steps = 12
     c.train.batch_size = 4
-    c.train.lr = 0.01  # a share of a grid step (weights), a relative change (scales) per update
-    c.train.warmup_steps = 4
+    c.train.lr = 0.005  # a share of a grid step (weights), a relative change (scales) per update
+    c.train.warmup_steps = 2
     c.train.weight_decay = 0.0  # decay would pull the latent weights off their codes
     c.train.eval_every = 0
     c.train.checkpoint_every = 10
