@@ -24,6 +24,7 @@ COMMANDS = {
     "gkd": ("gkd", "on-policy KD (GKD): a share of the batches sampled from the student, scored by the teacher"),
     "minillm": ("minillm", "MiniLLM: on-policy sequence-level reverse KL (teacher-mixed sampling, policy gradient)"),
     "grpo": ("grpo", "GRPO on code problems with tests (think format, steps, tests, length rewards)"),
+    "qad": ("qad", "quantization-aware distillation: int4 (GPTQ grid) training from the float model -> GPTQ checkpoint"),
     "study": ("study", "KD over a grid of config values x seeds: one table (mean, spread) and one plot"),
     "eval": ("eval", "Rouge-L over sampling seeds, validation loss, teacher retention; report + plots"),
     "quantize": ("quantize", "int4 (RTN or GPTQ) of every decoder linear -> GPTQ checkpoint; size/perplexity report"),

@@ -58,7 +58,8 @@ def table(results: Mapping[str, Mapping[str, Any]], *, teacher: str | None = "te
     """A markdown table of evaluation results, one row per model, in the given order.
 
     results: model name -> a dict with any of "rougeL", "rougeL_std", "rougeL_unicode",
-    "rougeL_unicode_std", "loss", "perplexity" (what `evaluate` returns). Retention (%) =
+    "rougeL_unicode_std", "loss", "perplexity" (what `evaluate` returns), "size_bytes" (a size column
+    when any row has it: kdjax.quant.report.served_bytes). Retention (%) =
     100 * retention(model's Rouge-L, teacher row's Rouge-L), for both variants, when `teacher` names
     a row of `results` with a positive score. With out_dir, writes report.md and report.json (the
     results with "retention" / "retention_unicode" added as fractions) there.
@@ -70,14 +71,17 @@ def table(results: Mapping[str, Mapping[str, Any]], *, teacher: str | None = "te
         for key, ret_key in (("rougeL", "retention"), ("rougeL_unicode", "retention_unicode")):
             t = results[teacher].get(key) if teacher else None
             r[ret_key] = retention(r[key], t) if t and t > 0 and r.get(key) is not None else None
-    lines = ["| model | Rouge-L | Rouge-L unicode | val loss | ppl | retention % | retention % unicode |",
-             "|---|---|---|---|---|---|---|"]
+    sizes = any("size_bytes" in r for r in results.values())  # int4 rows beside float ones
+    lines = ["| model | Rouge-L | Rouge-L unicode | val loss | ppl | retention % | retention % unicode |"
+             + (" size MiB |" if sizes else ""), "|---|---|---|---|---|---|---|" + ("---|" if sizes else "")]
     for name, r in results.items():
         cells = [name, _fmt(r.get("rougeL"), r.get("rougeL_std")),
                  _fmt(r.get("rougeL_unicode"), r.get("rougeL_unicode_std")), _fmt(r.get("loss"), digits=4),
                  _fmt(r.get("perplexity")),
                  _fmt(None if r["retention"] is None else 100 * r["retention"], digits=1),
                  _fmt(None if r["retention_unicode"] is None else 100 * r["retention_unicode"], digits=1)]
+        if sizes:
+            cells.append(_fmt(r["size_bytes"] / 2 ** 20 if "size_bytes" in r else None, digits=1))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     extra = dict(extra or {})

@@ -42,7 +42,7 @@ def override(cfg: ml_collections.ConfigDict, fields: dict) -> ml_collections.Con
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "distill"  # "distill", "gkd", "minillm" (teacher -> student), "sft" (fine-tune `teacher`), "grpo"; set by the command
+    c.mode = "distill"  # "distill", "gkd", "minillm" (teacher -> student), "sft" (fine-tune `teacher`), "grpo", "qad"; set by the command
     c.out_dir = "runs/default"
     c.resume = False  # continue from the latest checkpoint in out_dir
 
@@ -138,6 +138,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo.test_timeout = 5.0  # seconds per test in the sandbox
     c.grpo.system = GRPO_SYSTEM_PROMPT
     c.grpo.weights = ml_collections.ConfigDict(dict(format=1.0, steps=0.5, tests=2.0, length=0.5))
+
+    # int4 (kdjax/training/qad.py): `kdjax qad` quantizes a model with quantization-aware distillation
+    # (QAD: KD's step on the GPTQ int4 grid); in kdjax distill / gkd / minillm these fields add a QAD
+    # stage after KD (aware) and the student's int4 rows to the report (report).
+    c.quant = ml_collections.ConfigDict()
+    c.quant.aware = False  # distill/gkd/minillm: QAD of the KD student after KD (out_dir/qad, quant.steps, quant.lr)
+    c.quant.report = False  # distill/gkd/minillm: rows of the student in int4: after GPTQ, and after QAD with aware
+    c.quant.start = "gptq"  # the int4 grid and codes QAD starts from: "gptq" or "rtn"
+    c.quant.bits = 4
+    c.quant.group_size = 64  # input rows per scale/zero group (-1 = one); 64 divides SmolLM2 (576) and Qwen2.5 (896)
+    c.quant.sym = True  # symmetric grid (zero point 2**(bits-1)); False: a zero point per group
+    c.quant.desc_act = True  # GPTQ act-order (groups follow the Hessian's diagonal, g_idx in the checkpoint)
+    c.quant.damp_percent = 0.01  # GPTQ dampening, a fraction of the mean Hessian diagonal
+    c.quant.calib_samples = 128  # GPTQ calibration rows from the train split
+    c.quant.calib_length = 256  # tokens per calibration row
+    c.quant.train_weights = True  # the latent weights learn, in grid coordinates: their codes move
+    c.quant.train_scales = False  # the scales (and asymmetric zero points) learn; without weights: the codes stay
+    c.quant.train_norms = True  # the RMSNorm scales learn (the float parameters that feed the quantized linears)
+    c.quant.teacher = "self"  # "self": the float model being quantized teaches; "teacher": `teacher` does
+    c.quant.steps = 60  # the QAD stage of distill/gkd/minillm (`kdjax qad` itself uses train.steps, train.lr)
+    c.quant.lr = 0.01  # QAD's lr: a share of a grid step (weights) / a relative change (scales) per update
+    c.quant.float_dtype = "float16"  # tensors that stay float in the GPTQ checkpoint (embeddings, norms, head)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices

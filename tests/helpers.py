@@ -43,3 +43,28 @@ def launch(script, n: int, *args, timeout=900):
         assert p.returncode == 0, err[-4000:]
         outs.append(out)
     return outs
+
+
+class Crash(Exception):
+    """What `crash_at` raises: the process dying in the middle of a run."""
+
+
+def crash_at(monkeypatch, module, step: int):
+    """module.fit (the loop, as the trainer `module` calls it) raises Crash when a run that is not
+    resumed asks for the batch of `step` (0-based); returns the real fit (to set back)."""
+    real_fit = module.fit
+
+    def crashing_fit(cfg, task, run):
+        inner = task.batches
+
+        class Batches:
+            examples, rows = inner.examples, inner.rows
+
+            def __call__(self, at, model):
+                if at == step and not cfg.resume:
+                    raise Crash()
+                return inner(at, model)
+        task.batches = Batches()
+        return real_fit(cfg, task, run)
+    monkeypatch.setattr(module, "fit", crashing_fit)
+    return real_fit

@@ -12,7 +12,7 @@ import kdjax
 from kdjax import data, gguf_io, grpo_config, train_config
 from kdjax.config import ModelConfig
 from kdjax.training import distill, gkd, grpo, minillm
-from helpers import set_fields
+from helpers import Crash, crash_at, set_fields
 
 TRAINERS = {"sft": distill, "distill": distill, "gkd": gkd, "minillm": minillm, "grpo": grpo}
 
@@ -61,10 +61,6 @@ def metric_rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", list(TRAINERS))
 def test_every_trainer_honours_the_loop(setup, tmp_path, mode, monkeypatch):
     module = TRAINERS[mode]
@@ -79,21 +75,7 @@ def test_every_trainer_honours_the_loop(setup, tmp_path, mode, monkeypatch):
     assert len([r for r in metric_rows(tmp_path / "full") if "grad_norm" in r]) == 4
 
     # resume: a run that dies after its step-2 checkpoint, resumed, ends bit-identical
-    real_fit = module.fit
-
-    def crashing_fit(cfg, task, run):
-        inner = task.batches
-
-        class Batches:
-            examples, rows = inner.examples, inner.rows
-
-            def __call__(self, step, model):
-                if step == 3 and not cfg.resume:
-                    raise Crash()
-                return inner(step, model)
-        task.batches = Batches()
-        return real_fit(cfg, task, run)
-    monkeypatch.setattr(module, "fit", crashing_fit)
+    real_fit = crash_at(monkeypatch, module, 3)
     kw = {"train.eval_every": 2, "train.select_best": metric}
     with pytest.raises(Crash):
         train(setup, mode, tmp_path / "cut", **kw)

@@ -105,6 +105,21 @@ def model_sizes(model, qm: QuantizedModel, out: str | None = None, float_dtype: 
     return sizes
 
 
+def served_bytes(model) -> int:
+    """Bytes of `model` as served: int4 layers (`Int4Linear`) packed as a GPTQ checkpoint holds them
+    (qweight, qzeros, float16 scales, int32 g_idx), every float parameter at 16 bits. For a float
+    model that is its bf16 size; for an int4 one, `model_sizes`' int4_memory_bytes."""
+    import jax
+    from flax import nnx
+    from kdjax.quant.aqt_pass import Int4Linear
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Int4Linear):
+            (n_in, n_out), g = node.shape, node.scale.shape[0]
+            total += (n_in * n_out + g * n_out) * node.bits // 8 + g * n_out * 2 + n_in * 4
+    return total + 2 * sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def prompts_that_fit(records: Sequence[data.Record], tokenizer: Any, *, room: int, limit: int,
                      template: str) -> list[data.Record]:
     """The first `limit` records whose rendered prompt is at most `room` tokens."""

@@ -1,6 +1,6 @@
 """A training command from config to report: train (kdjax.training.<method>), save the model in
-HF format, score it on the held-out split beside the models it must be compared with, write
-report.md / report.json / curves.png."""
+HF format (int4 models: GPTQ), score it on the held-out split beside the models it must be compared
+with, write report.md / report.json / curves.png."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,11 @@ import jax
 
 from kdjax import evaluate, report
 from kdjax.checkpoint import load, save
+from kdjax.errors import ConfigError
+from kdjax.quant.export_gptq import load_gptq
+from kdjax.quant.report import served_bytes
 from kdjax.train_config import override
-from kdjax.training import distill, gkd, grpo, minillm, teacher_cache
+from kdjax.training import distill, gkd, grpo, minillm, qad, teacher_cache
 from kdjax.training.models import parse_layers, student_from_teacher
 from kdjax.training.rundir import RunDir
 from kdjax.training.state import config_mesh
@@ -21,6 +24,7 @@ TRAINERS = {"distill": distill.train, "gkd": gkd.train, "minillm": minillm.train
 CHECKS = {"distill": distill.check_config, "gkd": gkd.check_config, "minillm": minillm.check_config}
 AFTER = {"distill": "student after KD", "gkd": "student after GKD", "minillm": "student after MiniLLM"}
 BASELINE = "student after SFT (baseline)"
+QAD_STAGE = "int4 QAD of the student"
 
 
 def run(cfg, mode: str, *, overwrite: bool = False) -> str:
@@ -28,6 +32,8 @@ def run(cfg, mode: str, *, overwrite: bool = False) -> str:
     cfg.mode = mode
     if mode == "grpo":
         return _report_grpo(cfg, grpo.train(cfg, overwrite=overwrite))
+    if mode == "qad":
+        return run_qad(cfg, overwrite=overwrite)
     if mode == "sft":
         result = distill.train(cfg, overwrite=overwrite)
         _export(result["student"], result["tokenizer"], os.path.join(cfg.out_dir, "sft"))
@@ -47,8 +53,11 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     Every stage has its own run directory under out_dir, so `--resume` continues the stage that
     was running and skips the finished ones. With kd.teacher_cache the KD stage reads the teacher
     from that store, which is built there first (of the teacher KD learns from: after its SFT
-    stage, when there is one) unless it is complete already."""
+    stage, when there is one) unless it is complete already. With quant.aware the KD student is
+    then quantized with QAD (out_dir/qad); with quant.report the report adds its int4 rows (GPTQ, QAD)."""
     CHECKS[mode](cfg)  # config, then data and tokenizer: every input error before a model is loaded
+    if cfg.quant.aware or cfg.quant.report:
+        _check_qad_stage(cfg)
     context = _context(cfg)
     if cfg.kd.teacher_cache and not overwrite:  # a store of another run: said before anything trains
         teacher_cache.refuse_other(cfg, context["tokenizer"], context["rows"]["train"],
@@ -56,9 +65,10 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     stages, kcfg = {}, cfg.copy_and_resolve_references()
     tcfg = teacher_sft_config(cfg, os.path.join(cfg.out_dir, "teacher_sft"))
     bcfg = _stage_config(kcfg, os.path.join(cfg.out_dir, "sft_baseline"), mode="sft", student="")
+    qcfg = qad_stage_config(kcfg)
     # every stage's run directory is checked first (locked? an earlier run's checkpoints?), so a
     # conflict is reported at once, not after the stages before it have trained
-    for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline)):
+    for scfg, wanted in ((tcfg, cfg.teacher_sft.steps), (kcfg, True), (bcfg, cfg.baseline), (qcfg, cfg.quant.aware)):
         if wanted:
             RunDir(scfg, overwrite=overwrite).close()
     if cfg.teacher_sft.steps:
@@ -72,6 +82,9 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
     if cfg.baseline:
         bcfg.teacher = kcfg.student  # the model `sft` trains: the KD student's starting weights
         stages[BASELINE] = _stage(bcfg, distill.train, "sft", overwrite)
+    if cfg.quant.aware:
+        qcfg.student = stages[AFTER[mode]]["export"]  # the KD student, quantized; quant.teacher: who teaches it
+        stages[QAD_STAGE] = _stage(qcfg, qad.train, qad.INT4, overwrite)
     result = stages[AFTER[mode]]["result"] or context
     rows = []
     if cfg.eval.before:
@@ -83,9 +96,17 @@ def run_kd(cfg, mode: str, *, overwrite: bool = False) -> str:
         rows.append((BASELINE, lambda: load(stages[BASELINE]["export"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
     after = _label(AFTER[mode], stages[AFTER[mode]]["best"])
     rows.append((after, lambda: load(stages[AFTER[mode]]["export"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    if cfg.quant.report:
+        gptq = _student_gptq(qcfg, stages[AFTER[mode]]["export"], result, stages.get(QAD_STAGE))
+        rows.append((f"{AFTER[mode]}, int4 GPTQ", lambda: load_gptq(gptq, dtype=cfg.dtype)[0]))
+        if cfg.quant.aware:
+            rows.append((f"{AFTER[mode]}, int4 after QAD",
+                         lambda: load_gptq(stages[QAD_STAGE]["export"], dtype=cfg.dtype)[0]))
     teacher = "teacher after SFT" if cfg.teacher_sft.steps else "teacher"
     _evaluate_and_report(cfg, result, rows, teacher=teacher if cfg.eval.before else None, stages=stages,
-                         compare=(after, BASELINE) if cfg.baseline else None)
+                         compare=(after, BASELINE) if cfg.baseline else None, sizes=cfg.quant.report)
+    if cfg.quant.aware:
+        _curves(qcfg.out_dir)
     return cfg.out_dir
 
 
@@ -101,6 +122,56 @@ def run_teacher_sft(cfg, out_dir: str, overwrite: bool = False) -> str:
     """Fine-tunes cfg.teacher as its teacher_sft section says (or takes a finished one with
     cfg.resume); the HF directory of the fine-tuned teacher."""
     return _stage(teacher_sft_config(cfg, out_dir), distill.train, "sft", overwrite)["export"]
+
+
+# ---- int4: QAD of a float model, and the int4 rows of a KD report ----------------------------------
+def run_qad(cfg, *, overwrite: bool = False) -> str:
+    """`kdjax qad`: QAD of a float model (kdjax/training/qad.py), then the int4 report: the float
+    model, RTN on the same grid (out_dir/rtn, when the start is GPTQ), its int4 start and the int4
+    model after QAD (each read back from its GPTQ checkpoint), each with Rouge-L, validation loss,
+    retention against the teacher and size."""
+    result = qad.train(cfg, overwrite=overwrite)
+    float_label = "float model" + (" (teacher)" if cfg.quant.teacher == "self" else "")
+    rows = []
+    if cfg.quant.teacher == "teacher" and cfg.eval.before:
+        rows.append(("teacher", lambda: load(cfg.teacher, dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    rows.append((float_label, lambda: load(result["source"], dtype=cfg.dtype, mesh=result["mesh"])[0]))
+    if cfg.quant.start != "rtn":  # RTN takes seconds: the baseline every int4 method must beat
+        rtn = os.path.join(cfg.out_dir, "rtn")
+        qad.int4_start(cfg, load(result["source"], dtype="float32")[0], result["tokenizer"], result["splits"]["train"],
+                       rtn, method="rtn")
+        rows.append(("int4 rtn", lambda: load_gptq(rtn, dtype=cfg.dtype)[0]))
+    rows += [(f"int4 {cfg.quant.start} (the start)", lambda: load_gptq(result["start"], dtype=cfg.dtype)[0]),
+             ("int4 after QAD", lambda: load_gptq(result["export"], dtype=cfg.dtype)[0])]
+    teacher = float_label if cfg.quant.teacher == "self" else ("teacher" if cfg.eval.before else None)
+    _evaluate_and_report(cfg, result, rows, teacher=teacher, sizes=True)
+    return cfg.out_dir
+
+
+def _check_qad_stage(cfg):
+    if cfg.quant.aware and cfg.quant.steps < 1:
+        raise ConfigError("quant.steps", f"={cfg.quant.steps}: the QAD stage (quant.aware) needs >= 1 step")
+    if cfg.quant.aware and not cfg.quant.lr > 0:
+        raise ConfigError("quant.lr", f"={cfg.quant.lr}: must be > 0")
+    qad.check_config(qad_stage_config(cfg))
+
+
+def qad_stage_config(cfg):
+    """The QAD stage of a KD run (quant.aware), in out_dir/qad: its own steps and lr, the last step kept."""
+    return _stage_config(cfg, os.path.join(cfg.out_dir, "qad"), mode="qad", **{
+        "train.steps": cfg.quant.steps, "train.lr": cfg.quant.lr, "train.epochs": 0.0, "train.weight_decay": 0.0,
+        "train.select_best": "", "train.eval_every": 0})
+
+
+def _student_gptq(qcfg, student: str, result, qad_stage) -> str:
+    """The GPTQ checkpoint of the KD student: the QAD stage's start when that was GPTQ on this grid,
+    else quantized now into out_dir/qad/gptq (read back when --resume finds it)."""
+    if qad_stage is not None and qcfg.quant.start == "gptq":
+        return os.path.join(qcfg.out_dir, qad.START)
+    path = os.path.join(qcfg.out_dir, "gptq")
+    model = load(student, dtype="float32")[0]
+    qad.int4_start(qcfg, model, result["tokenizer"], result["splits"]["train"], path, method="gptq")
+    return path
 
 
 def _context(cfg) -> dict:
@@ -140,8 +211,9 @@ def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
         return info
     t0 = time.time()
     result = train_fn(cfg, overwrite=overwrite)
-    path = os.path.join(cfg.out_dir, export)
-    _export(result["student"], result["tokenizer"], path)
+    path = result.get("export") or os.path.join(cfg.out_dir, export)  # QAD writes its GPTQ checkpoint itself
+    if "export" not in result:
+        _export(result["student"], result["tokenizer"], path)
     info = dict(export=path, seconds=round(time.time() - t0, 1), steps=cfg.train.steps,
                 rows=cfg.train.steps * cfg.train.batch_size, best=result["best"])
     if _writer():
@@ -182,8 +254,9 @@ def _writer() -> bool:
     return jax.process_index() == 0
 
 
-def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=None):
-    """Scores each (label, model getter) on the test prompts; report.md / report.json / curves."""
+def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=None, sizes=False):
+    """Scores each (label, model getter) on the test prompts; report.md / report.json / curves.
+    sizes: a size column (each model as served: float at 16 bits, int4 packed)."""
     ec, tokenizer = cfg.eval, result["tokenizer"]
     records = distill.eval_records(result["splits"]["test"], tokenizer, cfg, ec.num_samples)
     if records:
@@ -193,7 +266,10 @@ def _evaluate_and_report(cfg, result, rows, *, teacher, stages=None, compare=Non
         results = {}
         for label, get in rows:
             t0 = time.time()
-            results[label] = evaluate.evaluate(get(), tokenizer, records, **kw)
+            model = get()
+            results[label] = evaluate.evaluate(model, tokenizer, records, **kw)
+            if sizes:
+                results[label]["size_bytes"] = served_bytes(model)
             print(f"evaluated {label}: Rouge-L {results[label]['rougeL']:.2f} ({time.time() - t0:.0f}s)", flush=True)
         extra = {}
         if stages:
