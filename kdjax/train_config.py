@@ -155,10 +155,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.calib_length = 256  # tokens per calibration row
     c.quant.train_weights = True  # the latent weights learn, in grid coordinates: their codes move
     c.quant.train_scales = False  # the scales (and asymmetric zero points) learn; without weights: the codes stay
-    c.quant.train_norms = True  # the RMSNorm scales learn (the float parameters that feed the quantized linears)
+    c.quant.train_norms = False  # the RMSNorm scales learn too (on SmolLM2 that made GPTQ worse: docs/quantization.md)
     c.quant.teacher = "self"  # "self": the float model being quantized teaches; "teacher": `teacher` does
-    c.quant.steps = 60  # the QAD stage of distill/gkd/minillm (`kdjax qad` itself uses train.steps, train.lr)
-    c.quant.lr = 0.01  # QAD's lr: a share of a grid step (weights) / a relative change (scales) per update
+    c.quant.steps = 12  # the QAD stage of distill/gkd/minillm (`kdjax qad` itself uses train.steps, train.lr)
+    c.quant.lr = 0.005  # QAD's lr: a share of a grid step (weights) / a relative change (scales) per update
     c.quant.float_dtype = "float16"  # tensors that stay float in the GPTQ checkpoint (embeddings, norms, head)
 
     c.mesh = ml_collections.ConfigDict()
