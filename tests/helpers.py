@@ -19,6 +19,21 @@ def run_kdjax(*args, timeout=600):
                           timeout=timeout, cwd=ROOT)
 
 
+def write_tiny_run(root):
+    """A tiny teacher (4-layer Llama, SmolLM2's tokenizer) in root/teacher, 40 prompt -> response
+    records in root/p.jsonl and 16 problems with tests in root/problems.jsonl; returns root."""
+    import kdjax
+    from kdjax import data, gguf_io
+    from kdjax.config import ModelConfig
+    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=300, num_layers=4, max_position_embeddings=128)
+    kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "teacher"), format="kdjax", tokenizer=tok)
+    data.save_records([data.Record(prompt=f"f{i}", response=f"g{i} h{i}") for i in range(40)], str(root / "p.jsonl"))
+    data.save_records([data.Record(prompt=f"f{i}", response=f"def f{i}(): return {i}", tests=(f"assert f{i}() == {i}",))
+                       for i in range(16)], str(root / "problems.jsonl"))
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

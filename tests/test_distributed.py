@@ -9,10 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-import kdjax
-from kdjax import checkpoint, data, gguf_io
-from kdjax.config import ModelConfig
-from helpers import launch
+from kdjax import checkpoint
+from helpers import launch, write_tiny_run
 
 
 # One process of a run: its id, the process count, then the trainer and its config fields as JSON.
@@ -30,13 +28,7 @@ if n > 1:  # as `kdjax COMMAND --distributed --coordinator=... --num_processes=.
 from kdjax import grpo_config, train_config
 from kdjax.training import distill, grpo
 from kdjax.training.run import run
-c = grpo_config.get_config() if mode == "grpo" else train_config.get_config()
-for k, v in fields.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-        node = node[p]
-    node[last] = v
+c = train_config.override(grpo_config.get_config() if mode == "grpo" else train_config.get_config(), fields)
 c.mode = mode
 if mode == "grpo":
     share_of_e = lambda texts, rec: {"total": [t.count("e") / max(len(t), 1) for t in texts]}
@@ -67,14 +59,7 @@ print("ROWS=" + json.dumps({"process": pid, "rows": rows, "slice": [mine.start, 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
-    cfg = ModelConfig.preset("tiny-llama", vocab_size=300, num_layers=4, max_position_embeddings=128)
-    kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "teacher"), format="kdjax", tokenizer=tok)
-    data.save_records([data.Record(prompt=f"f{i}", response=f"g{i} h{i}") for i in range(40)], str(root / "p.jsonl"))
-    data.save_records([data.Record(prompt=f"f{i}", response=f"def f{i}(): return {i}", tests=(f"assert f{i}() == {i}",))
-                       for i in range(16)], str(root / "problems.jsonl"))
-    return root
+    return write_tiny_run(tmp_path_factory.mktemp("distributed"))
 
 
 def fields(setup, out, **kw):

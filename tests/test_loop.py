@@ -8,25 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import kdjax
-from kdjax import data, gguf_io, grpo_config, train_config
-from kdjax.config import ModelConfig
+from kdjax import grpo_config, train_config
 from kdjax.training import distill, gkd, grpo, minillm
-from helpers import Crash, crash_at, set_fields
+from helpers import Crash, crash_at, set_fields, write_tiny_run
 
 TRAINERS = {"sft": distill, "distill": distill, "gkd": gkd, "minillm": minillm, "grpo": grpo}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop")
-    _, _, tok = gguf_io.read_gguf(gguf_io.preset_path("smollm2-135m-instruct"))
-    cfg = ModelConfig.preset("tiny-llama", vocab_size=300, num_layers=4, max_position_embeddings=128)
-    kdjax.save(kdjax.Qwen2(cfg, seed=1), str(root / "teacher"), format="kdjax", tokenizer=tok)
-    data.save_records([data.Record(prompt=f"f{i}", response=f"g{i} h{i}") for i in range(40)], str(root / "p.jsonl"))
-    data.save_records([data.Record(prompt=f"f{i}", response=f"def f{i}(): return {i}", tests=(f"assert f{i}() == {i}",))
-                       for i in range(16)], str(root / "problems.jsonl"))
-    return root
+    return write_tiny_run(tmp_path_factory.mktemp("loop"))
 
 
 def config(setup, mode, out, **kw):
