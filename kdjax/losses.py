@@ -31,6 +31,9 @@ support against the teacher's tail mass (`coarse_student`, `coarse_teacher`). Th
 functions apply, so these are true divergences (>= 0, 0 when student = teacher) and with K = V
 (an empty tail) they are the dense ones. `sparse_distill_loss` on plain logits is the reference of
 `chunked_sparse_distill_loss`, which is chunked and vocabulary-sharded like the dense path.
+When the cache also holds a low-rank approximation of the teacher's logits (its tail's shape),
+`completed_teacher` spreads the tail mass over the tokens outside the support in proportion to it,
+and the divergence is the dense one to that whole-vocabulary teacher (exact on the support).
 """
 from __future__ import annotations
 
@@ -307,18 +310,45 @@ def coarse_teacher(logp, log_tail, ids):
     return x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
 
 
+def _completed_teacher(logp, log_tail, ids, z, *, offset=0, valid=None, tensor_axis=None):
+    """completed_teacher on this shard's columns offset .. offset + v - 1 (z [..., v] its logits)."""
+    v = z.shape[-1]
+    bins = coarse_teacher(logp, log_tail, ids)
+    inside = support_mask(ids, v, offset)
+    outside = ~inside if valid is None else ~inside & valid
+    tail = bins[..., -1:] + z - _logsumexp_where(z, outside, tensor_axis)[..., None]
+    flat_ids = ids.reshape(-1, ids.shape[-1]) - offset
+    cols = jnp.where((flat_ids >= 0) & (flat_ids < v), flat_ids, v)  # v: not on this shard, dropped
+    rows = jnp.arange(flat_ids.shape[0])[:, None]
+    exact = jnp.zeros((flat_ids.shape[0], v), jnp.float32).at[rows, cols].set(
+        bins[..., :-1].reshape(flat_ids.shape), mode="drop").reshape(z.shape)
+    return jnp.where(inside, exact, jnp.where(outside, tail, _PAD_LOGP))
+
+
+def completed_teacher(logp, log_tail, ids, z):
+    """A sparse teacher completed over the whole vocabulary: [..., V] log-probs, exactly its
+    (renormalised) log-probs at the K ids, and its tail mass spread over the other tokens in
+    proportion to exp(z), z [..., V] an approximation of its logits (a cache's low-rank tail,
+    kdjax.training.teacher_cache). Every divergence to it is a dense one."""
+    return _completed_teacher(logp, log_tail, ids, z.astype(jnp.float32))
+
+
 def sparse_distill_loss(student_logits, ids, logp, log_tail, targets, mask=None, *, divergence="forward_kl",
-                        temperature=1.0, kd_ratio=1.0, beta=0.5, alpha=0.1, scaled=False):
+                        temperature=1.0, kd_ratio=1.0, beta=0.5, alpha=0.1, scaled=False, tail_logits=None):
     """KD from a sparse teacher on plain logits -> (loss, metrics), the reference of
     `chunked_sparse_distill_loss`: kd_ratio * divergence on the K + 1 bins (coarse_student of the
     student at `temperature`, coarse_teacher) + (1 - kd_ratio) * cross-entropy (T = 1), each a
     mean over unmasked tokens. student_logits [B, T, V]; ids, logp [B, T, K] (the teacher at the
-    temperature it was cached at); log_tail [B, T]; targets, mask [B, T]."""
+    temperature it was cached at); log_tail [B, T]; targets, mask [B, T]. tail_logits [B, T, V]
+    (at temperature 1): the divergence is the dense one to completed_teacher(..., tail_logits / T)."""
     _check_temperature(temperature)
     _check_kd_ratio(kd_ratio)
     fn = per_token_divergence(divergence, beta=beta, alpha=alpha, scaled=scaled)
     s_logp = _log_probs(student_logits, temperature)
-    kd = _masked_mean(fn(coarse_student(s_logp, ids), coarse_teacher(logp, log_tail, ids)), mask)
+    if tail_logits is None:
+        kd = _masked_mean(fn(coarse_student(s_logp, ids), coarse_teacher(logp, log_tail, ids)), mask)
+    else:
+        kd = _masked_mean(fn(s_logp, completed_teacher(logp, log_tail, ids, tail_logits / temperature)), mask)
     ce = cross_entropy(student_logits, targets, mask)
     n = jnp.sum(jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool))
     loss = kd_ratio * kd + (1 - kd_ratio) * ce
@@ -357,9 +387,9 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     """One device's pass over its tokens, `chunk` at a time.
 
     s_h [n, Ds], s_w [Ds, v] (this device's vocabulary columns), targets/mask [n] with n a
-    multiple of `chunk`, teacher () or (t_h [n, Dt], t_w [Dt, v]) or, sparse, (ids [n, K], logp
-    [n, K], log_tail [n]) of every token. Returns the sums over all devices (loss_sum, kd_sum,
-    ce_sum, count); with_grad also (d loss_sum / d s_h [n, Ds], d loss_sum / d s_w [Ds, v] fp32)
+    multiple of `chunk`, teacher () or (t_h [n, Dt], t_w [Dt, v]) or, sparse, ((ids [n, K], logp
+    [n, K], log_tail [n][, tail_coef [n, r]]) of every token, (tail_basis [r, v],) or ()). Returns
+    the sums over all devices (loss_sum, kd_sum, ce_sum, count); with_grad also (d loss_sum / d s_h [n, Ds], d loss_sum / d s_w [Ds, v] fp32)
     for this device's shard.
 
     With gradients, each chunk's logit gradient comes from autodiff of the same per-token
@@ -371,12 +401,18 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     cols = offset + jnp.arange(v)
     valid = cols < vocab_size
     t_w = teacher[1] if teacher and not sparse else None
+    basis = teacher[1][0] if sparse and teacher[1] else None
 
     def vsum(x):  # sum of per-shard partial sums over the vocabulary
         return lax.psum(x, tensor_axis) if tensor_axis is not None else x
 
     def kd_per_token(s_logp, t):
         """The divergence of each token of the chunk [c], whole on every vocabulary shard."""
+        if sparse and basis is not None:  # the whole vocabulary: the cached tail spread by its logits
+            ids, logp, log_tail, coef = t
+            z = jnp.dot(coef, basis, preferred_element_type=jnp.float32) / temperature
+            return vsum(per_token(s_logp, _completed_teacher(logp, log_tail, ids, z, offset=offset, valid=valid,
+                                                             tensor_axis=tensor_axis)))
         if sparse:  # on the K + 1 bins; the student's support and tail are gathered across shards
             ids, logp, log_tail = t
             return per_token(_coarse_student(s_logp, ids, offset=offset, valid=valid, tensor_axis=tensor_axis),
@@ -417,7 +453,7 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     def chunks(x):
         return x.reshape(n // chunk, chunk, *x.shape[1:])
 
-    tx = (tuple(map(chunks, teacher)) if sparse else chunks(teacher[0])) if teacher else None
+    tx = (tuple(map(chunks, teacher[0])) if sparse else chunks(teacher[0])) if teacher else None
     xs = (chunks(s_h), chunks(targets), chunks(mask), tx)
     dw = None
     if with_grad:
@@ -496,7 +532,7 @@ def _chunked(s_h, s_w, teacher, targets, mask, *, per_token, temperature, kd_rat
              vocab_size, chunk_size, mesh, normalizer, sparse=False):
     """Shared machinery: flatten, pad, (shard_map), scan over chunks -> (loss, metrics).
     teacher: None (cross-entropy only), (t_h [B, T, Dt], t_w [Dt, Vt]), or with `sparse`
-    (ids [B, T, K], logp [B, T, K], log_tail [B, T])."""
+    (ids [B, T, K], logp [B, T, K], log_tail [B, T], tail_coef [B, T, r] | None, tail_basis [r, V] | None)."""
     _check_temperature(temperature)
     _check_kd_ratio(kd_ratio)
     if chunk_size < 1:
@@ -512,10 +548,14 @@ def _chunked(s_h, s_w, teacher, targets, mask, *, per_token, temperature, kd_rat
     if teacher is None:
         t_args, t_specs = (), ()
     elif sparse:
-        ids, logp, log_tail = teacher
-        t_args = (tokens(ids.astype(jnp.int32)), tokens(lax.stop_gradient(logp)),
-                  tokens(lax.stop_gradient(jnp.asarray(log_tail, jnp.float32))))
-        t_specs = (P(token_axes, None), P(token_axes, None), P(token_axes))
+        ids, logp, log_tail, coef, basis = teacher
+        per_tok = (tokens(ids.astype(jnp.int32)), tokens(lax.stop_gradient(logp)),
+                   tokens(lax.stop_gradient(jnp.asarray(log_tail, jnp.float32))))
+        specs = (P(token_axes, None), P(token_axes, None), P(token_axes))
+        if basis is not None:
+            per_tok, specs = per_tok + (tokens(lax.stop_gradient(coef)),), specs + (P(token_axes, None),)
+        t_args = (per_tok, () if basis is None else (head(lax.stop_gradient(basis).astype(jnp.float32)),))
+        t_specs = (specs, () if basis is None else (P(None, tensor_axis),))
     else:
         t_args = (tokens(lax.stop_gradient(teacher[0])), head(lax.stop_gradient(t_w)))
         t_specs = (P(token_axes, None), P(None, tensor_axis))
@@ -604,7 +644,8 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
 
 def chunked_sparse_distill_loss(student_hidden, student_head, ids, logp, log_tail, targets, mask, *,
                                 divergence="forward_kl", temperature=1.0, kd_ratio=1.0, beta=0.5, alpha=0.1,
-                                scaled=False, vocab_size=None, chunk_size=1024, mesh=None, normalizer=None):
+                                scaled=False, vocab_size=None, chunk_size=1024, mesh=None, normalizer=None,
+                                tail_coef=None, tail_basis=None):
     """KD from a sparse teacher (a cache: K ids a token, their log-probs, the log tail mass) from
     hidden states and the output head, chunked over tokens and vocabulary-sharded exactly as
     `chunked_distill_loss`; no teacher model. Matches `sparse_distill_loss` on the full logits.
@@ -617,14 +658,24 @@ def chunked_sparse_distill_loss(student_hidden, student_head, ids, logp, log_tai
     the "tensor" axis, so the [c, V] chunk is the only vocabulary-sized array. vocab_size: the
     vocabulary the cache covers (the student's head is cut to it). Returns (loss, metrics) with
     "loss", "kd_loss", "ce_loss", "num_tokens".
+
+    With tail_coef [B, T, r] and tail_basis [r, V] (a cache's low-rank tail: tail_coef @ tail_basis
+    approximates the teacher's logits at temperature 1) the divergence is the dense one, over the
+    whole vocabulary, to completed_teacher: exact on the K ids, the tail mass spread by those
+    logits; each chunk's [c, r] x [r, v] product is computed beside the student's head matmul.
     """
     _check_head("student_hidden", student_hidden, "student_head", student_head)
     b, t = student_hidden.shape[:2]
     if ids.shape[:2] != (b, t) or logp.shape != ids.shape or jnp.shape(log_tail) != (b, t):
         raise ValueError(f"ids {ids.shape}, logp {logp.shape} must be [B, T, K] and log_tail "
                          f"{jnp.shape(log_tail)} [B, T] with [B, T] = {(b, t)}")
+    if (tail_coef is None) != (tail_basis is None) or (tail_coef is not None and (
+            tail_coef.shape[:2] != (b, t) or tail_basis.ndim != 2 or tail_coef.shape[-1] != tail_basis.shape[0])):
+        raise ValueError(f"tail_coef {None if tail_coef is None else tail_coef.shape} and tail_basis "
+                         f"{None if tail_basis is None else tail_basis.shape} must both be given, [B, T, r] and [r, V]")
     per_token = per_token_divergence(divergence, beta=beta, alpha=alpha, scaled=scaled)
-    return _chunked(student_hidden, student_head, (ids, logp, log_tail), targets, mask, per_token=per_token,
+    teacher = (ids, logp, log_tail, tail_coef, tail_basis)
+    return _chunked(student_hidden, student_head, teacher, targets, mask, per_token=per_token,
                     temperature=temperature, kd_ratio=kd_ratio, vocab_size=vocab_size, chunk_size=chunk_size,
                     mesh=mesh, normalizer=normalizer, sparse=True)
 

@@ -629,3 +629,99 @@ def test_chunked_sparse_is_a_divergence_on_a_mesh_from_bf16_storage():
         bound = 1e-3 if div == "total_variation" else 1e-4  # bf16 rounding of the stored log-probs
         assert 0 <= float(loss(rounded, div)) < bound, div
         assert float(loss((x["ids"], x["logp"], x["log_tail"]), div)) > 1e-2, div
+
+
+# ---------------------------------------------------------------- sparse teacher with a low-rank tail
+
+def ref_completed(ids, t_sup, t_tail, zl, temperature):
+    """The completed teacher [..., V] log-probs, float64: the valid ids' cached log-probs and the
+    tail, renormalised over the K + 1 bins; the tail mass spread over the other tokens in
+    proportion to exp(zl / temperature)."""
+    zl = np.asarray(zl, np.float64) / temperature
+    out = np.zeros(zl.shape)
+    for i in np.ndindex(zl.shape[:-1]):
+        keep = np.asarray(ids[i]) >= 0
+        sup = np.asarray(ids[i])[keep]
+        bins = np.append(np.asarray(t_sup[i], np.float64)[keep], float(t_tail[i]))
+        bins = bins - np.log(np.exp(bins).sum())
+        outside = np.ones(zl.shape[-1], bool)
+        outside[sup] = False
+        out[i][sup] = bins[:-1]
+        out[i][outside] = bins[-1] + np_log_softmax(zl[i][outside])
+    return out
+
+
+def test_completed_teacher_is_exact_on_the_support_and_sums_to_one():
+    x = sparse_inputs(40)
+    zl = random_logits(np.random.default_rng(41), x["zt"].shape)
+    got = np.asarray(losses.completed_teacher(x["logp"], x["log_tail"], x["ids"], jnp.asarray(zl) / 2.0), np.float64)
+    np.testing.assert_allclose(got, ref_completed(x["ids"], x["logp"], x["log_tail"], zl, 2.0), atol=2e-5)
+    np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, rtol=1e-5)
+    # the true teacher's logits complete the cache into the teacher itself
+    exact = losses.completed_teacher(x["logp"], x["log_tail"], x["ids"], jnp.asarray(x["zt"]) / 2.0)
+    np.testing.assert_allclose(exact, np_log_softmax(x["zt"].astype(np.float64) / 2.0), atol=2e-5)
+
+
+@pytest.mark.parametrize("name,kw", FEW + [CASES[1], CASES[7]], ids=lambda v: str(v))
+def test_completed_sparse_value_and_grad_match_numpy(name, kw):
+    x = sparse_inputs(42)
+    zl = random_logits(np.random.default_rng(43), x["zt"].shape)
+    f = lambda z: losses.sparse_distill_loss(z, x["ids"], x["logp"], x["log_tail"], x["targets"], x["mask"],
+                                             divergence=name, temperature=2.0, kd_ratio=0.7, tail_logits=zl, **kw)
+    (val, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(x["zs"]))
+    t = ref_completed(x["ids"], x["logp"], x["log_tail"], zl, 2.0)
+    ref_val, ref_grad, ref_kd, _ = ref_loss(name, x["zs"], 2.0 * t, x["mask"], 2.0, x["targets"], 0.7, **kw)
+    assert_close(val, ref_val, 1e-5, "value")
+    assert_close(metrics["kd_loss"], ref_kd, 1e-5, "kd")
+    assert_close(grad, ref_grad, 1e-4, "grad")
+
+
+RANK = 6
+COMPLETED_MESHES = [(None, FEW), ((1, 1, 8), FEW + [CASES[1]]), ((2, 2, 2), FEW + [CASES[1]])]
+
+
+@pytest.mark.parametrize("mesh_shape,cases", COMPLETED_MESHES, ids=[str(m) for m, _ in COMPLETED_MESHES])
+def test_chunked_completed_sparse_matches_numpy_on_meshes(mesh_shape, cases):
+    """The low-rank tail on vocabulary shards: value and both gradients against float64 numpy; and
+    with the teacher's own hidden states and head as the 'low-rank' tail, the dense loss itself."""
+    x = sparse_chunked_inputs(44)
+    rng = np.random.default_rng(45)
+    coef, basis = rng.standard_normal((B, T, RANK)).astype(np.float32), rng.standard_normal((RANK, VT)).astype(
+        np.float32)
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    settings = [dict(kw, divergence=name, temperature=2.0, kd_ratio=0.7) for name, kw in cases]
+
+    def all_settings(h, w):
+        out = []
+        for kw in settings:
+            for tail in ((coef, basis), (x["teacher_hidden"], x["teacher_head"])):
+                f = lambda h, w: losses.chunked_sparse_distill_loss(
+                    h, w, x["ids"], x["logp"], x["log_tail"], x["targets"], x["mask"], vocab_size=VOCAB, chunk_size=4,
+                    mesh=mesh, tail_coef=tail[0], tail_basis=tail[1], **kw)
+                out.append(jax.value_and_grad(f, (0, 1), has_aux=True)(h, w))
+            dense = lambda h, w: losses.chunked_distill_loss(h, w, x["teacher_hidden"], x["teacher_head"],
+                                                             x["targets"], x["mask"], vocab_size=VOCAB, chunk_size=4,
+                                                             mesh=mesh, **kw)
+            out.append(jax.value_and_grad(dense, (0, 1), has_aux=True)(h, w))
+        return out
+
+    args = (x["student_hidden"], x["student_head"])
+    got = jax.jit(all_settings).lower(*args).compile(FAST_COMPILE)(*args)
+    h, w = x["student_hidden"].astype(np.float64), x["student_head"].astype(np.float64)
+    zl = coef.astype(np.float64) @ basis[:, :VOCAB].astype(np.float64)
+    t = ref_completed(x["ids"], x["logp"], x["log_tail"], zl, 2.0)
+    for i, kw in enumerate(settings):
+        kw = dict(kw)
+        name, temperature, kd_ratio = kw.pop("divergence"), kw.pop("temperature"), kw.pop("kd_ratio")
+        ((val, metrics), (dh, dw)), exact, dense = got[3 * i], got[3 * i + 1], got[3 * i + 2]
+        ref_val, dz, ref_kd, _ = ref_loss(name, h @ w[:, :VOCAB], 2.0 * t, x["mask"], temperature, x["targets"],
+                                          kd_ratio, **kw)
+        ref_dw = np.zeros_like(w)
+        ref_dw[:, :VOCAB] = h.reshape(-1, DS).T @ dz.reshape(-1, VOCAB)
+        what = f"{mesh_shape} {name} {kw}"
+        assert_close(val, ref_val, 1e-5, f"loss {what}")
+        assert_close(metrics["kd_loss"], ref_kd, 1e-5, f"kd_loss {what}")
+        assert_close(dh, dz @ w[:, :VOCAB].T, 1e-4, f"d student_hidden {what}")
+        assert_close(dw, ref_dw, 1e-4, f"d student_head {what}")
+        assert_close(exact[0][0], dense[0][0], 1e-5, f"exact tail = dense loss {what}")
+        assert_close(exact[1][1], dense[1][1], 1e-4, f"exact tail = dense d head {what}")

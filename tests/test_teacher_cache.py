@@ -3,7 +3,8 @@ teacher's own top-K log-probs and tail mass (checked against the model's full lo
 drawn tokens estimate the teacher and the forward-KL gradient without bias; SIGKILL + rerun and 2
 processes give the arrays of one uninterrupted process; a half-written chunk is never read; a cache
 of another run is refused naming the field before any model loads; KD from a whole-vocabulary
-cache is KD from the teacher; verify's table; a study builds one cache and trains every run from it."""
+cache is KD from the teacher, and so is KD from K = 8 plus a full-rank low-rank tail; verify's table;
+a study builds one cache and trains every run from it."""
 import json
 import os
 import shutil
@@ -39,12 +40,14 @@ def setup(tmp_path_factory):
 
 
 def fields(setup, out="unused", **kw) -> dict:
-    """32 training rows; 2 steps of 8 read 16 of them; a K = 8 bf16 store in chunks of 3 rows."""
+    """32 training rows; 2 steps of 8 read 16 of them; a K = 8 bf16 store with a rank-4 tail in
+    chunks of 3 rows."""
     f = {"teacher": str(setup / "teacher"), "student_layers": "every_other", "out_dir": str(out),
          "data.source": str(setup / "p.jsonl"), "data.layout": "records", "data.template": "plain",
          "data.max_length": 32, "data.valid": 4, "data.test": 4, "train.batch_size": 8, "train.steps": 2,
          "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 0,
-         "kd.chunk_size": 48, "eval.num_samples": 0, "baseline": False, "cache.top_k": 8, "cache.chunk_rows": 3}
+         "kd.chunk_size": 48, "eval.num_samples": 0, "baseline": False, "cache.top_k": 8, "cache.chunk_rows": 3,
+         "cache.tail_rank": 4}
     f.update(kw)
     return f
 
@@ -81,7 +84,18 @@ def store(setup, tmp_path_factory):
 def full_store(setup, tmp_path_factory):
     """K = the whole vocabulary, float32: the cache loses nothing."""
     out = tmp_path_factory.mktemp("full") / "cache"
-    teacher_cache.build(config(setup, **{"cache.top_k": V, "cache.dtype": "float32", "cache.chunk_rows": 8}), str(out))
+    teacher_cache.build(config(setup, **{"cache.top_k": V, "cache.dtype": "float32", "cache.chunk_rows": 8,
+                                         "cache.tail_rank": 0}), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tail_store(setup, tmp_path_factory):
+    """K = 8 and a tail of the teacher's full rank (its hidden size, 64), float32: the tail's logits
+    are the teacher's own, so this cache loses nothing either."""
+    out = tmp_path_factory.mktemp("tail") / "cache"
+    teacher_cache.build(config(setup, **{"cache.dtype": "float32", "cache.chunk_rows": 8, "cache.tail_rank": 64}),
+                        str(out))
     return out
 
 
@@ -114,7 +128,19 @@ def test_store_holds_the_teachers_top_k_and_tail(setup, store):
     rest = 1 - np.exp(picked).sum(-1)
     np.testing.assert_allclose(np.exp(got["log_rest"][mask]), rest, rtol=1e-4)
     assert not got["ids"][~mask].any() and not got["logp"][~mask].any() and not got["log_rest"][~mask].any()
-    assert 0 < attrs["bytes_per_token"] < (4 + 2) * 8 + 4 + 40  # zstd; padding and prompts cost little
+    assert not got["tail_coef"][~mask].any()
+    assert 0 < attrs["bytes_per_token"] < (4 + 2) * 8 + 4 + 2 * 4 + 40  # zstd; padding and prompts cost little
+    # the tail: coef = hidden @ encoder (bf16), coef @ basis the best rank-4 fit of the logits on the first rows
+    h = np.asarray(teacher.hidden_states(jnp.asarray(rows["input_ids"][order])), np.float64)[mask]
+    enc, basis = got["tail_encoder"].astype(np.float64), got["tail_basis"].astype(np.float64)
+    assert enc.shape == (64, 4) and basis.shape == (4, V)
+    coef = got["tail_coef"].view(ml_dtypes.bfloat16).astype(np.float64)[mask]
+    np.testing.assert_allclose(coef, h @ enc, rtol=2 ** -7, atol=1e-3 * np.abs(h @ enc).max())
+    fit = h[:len(h) // 2]  # logits' squared error: the fitted rank 4 beats any other 4 directions of the head
+    w = np.asarray(teacher.head_kernel(), np.float64)[:, :V]
+    err = lambda a, b: np.sum((fit @ a @ b - fit @ w) ** 2)
+    u, _, vt = np.linalg.svd(w, full_matrices=False)
+    assert err(enc, basis) < err(u[:, :4], u[:, :4].T @ w)
 
 
 def test_drawn_tokens_estimate_the_teacher_and_the_forward_kl_gradient_without_bias():
@@ -246,9 +272,11 @@ def test_a_cache_of_another_run_is_refused_naming_the_field_before_any_model_loa
     assert "data.max_length=24" in cli.stderr
 
 
-def test_kd_from_a_whole_vocabulary_cache_is_kd_from_the_teacher(setup, full_store, tmp_path, monkeypatch):
-    """K = V in float32: the same losses, step by step, and the same student, on a 2 x 2 x 2 mesh; the
-    cached run loads no teacher (its student is a checkpoint)."""
+@pytest.mark.parametrize("which", ["full_store", "tail_store"])
+def test_kd_from_a_whole_vocabulary_cache_is_kd_from_the_teacher(setup, which, request, tmp_path, monkeypatch):
+    """K = V in float32, or K = 8 with a full-rank tail: the same losses, step by step, and the same
+    student, on a 2 x 2 x 2 mesh; the cached run loads no teacher (its student is a checkpoint)."""
+    full_store = request.getfixturevalue(which)
     teacher, tok = kdjax.load(str(setup / "teacher"))
     kdjax.save(models.student_from_teacher(teacher, [0, 2]), str(tmp_path / "student0"), format="kdjax", tokenizer=tok)
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "student": str(tmp_path / "student0")}
@@ -287,6 +315,16 @@ def test_verify_measures_what_each_k_loses(full_store):
     assert "| top 8 | 68 |" in full["table"] and "float32" in full["table"]
     with pytest.raises(teacher_cache.CacheError, match=f"--k=8,{V + 1}: .* holds the top {V}"):
         verify(str(full_store), rows=4, sizes=(8, V + 1), log=lambda m: None)
+
+
+def test_verify_a_full_rank_tail_loses_nothing_that_an_even_tail_loses(tail_store, store):
+    got = verify(str(tail_store), rows=4, sizes=(4, 8), log=lambda m: None)
+    for r in got["rows"]:
+        assert abs(r["kl"]) < 1e-5 and r["kl_even"] > 1e-3 and r["tail"] > 1e-2, r
+        assert r["grad_rel_err"] < 1e-4 and abs(r["sparse"] - r["dense"]) < 1e-5 * abs(r["dense"]), r
+    assert got["rows"][1]["bytes"] == (4 + 4) * 8 + 4 + 4 * 64
+    low = verify(str(store), rows=4, sizes=(8,), log=lambda m: None)["rows"][0]  # rank 4 of 64, bf16
+    assert 0 < low["kl"] < low["kl_even"], low
 
 
 def test_a_study_builds_one_cache_from_the_fine_tuned_teacher_and_trains_every_run_from_it(setup, tmp_path,

@@ -14,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import data as kdata
 from kdjax import losses
@@ -109,7 +110,7 @@ class RowBatches:
 
 class CachedBatches(RowBatches):
     """The rows of step s (as RowBatches) with the cached teacher of each, rows["teacher"] =
-    {"ids", "logp", "log_tail"}; a process reads only the rows its devices hold."""
+    {"ids", "logp", "log_tail"[, "tail_coef"]}; a process reads only the rows its devices hold."""
 
     def __init__(self, rows, batch_size: int, seed: int, cache: teacher_cache.TeacherCache, mesh):
         super().__init__(rows, batch_size, seed)
@@ -130,15 +131,16 @@ def token_totals(rows) -> dict:
 def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef, kd, vocab_size, mesh,
             packed=False):
     """Response-token loss of one micro-batch: the sum over its tokens / the batch's token count.
-    With rows["teacher"] (a cached sparse teacher): KD from it; else without a teacher
-    (teacher_graphdef None): SFT's cross-entropy."""
+    With rows["teacher"] (a cached sparse teacher; teacher_params {"tail_basis"} when it has a
+    low-rank tail): KD from it; else without a teacher (teacher_graphdef None): SFT's cross-entropy."""
     h, head = hidden_and_head(graphdef, params, rows, packed=packed)
     common = dict(vocab_size=vocab_size, chunk_size=kd.chunk_size, mesh=mesh, normalizer=totals["tokens"])
     if "teacher" in rows:
         t = rows["teacher"]
+        tail = dict(tail_coef=t["tail_coef"], tail_basis=teacher_params["tail_basis"]) if "tail_coef" in t else {}
         loss, metrics = losses.chunked_sparse_distill_loss(
             h, head, t["ids"], t["logp"], t["log_tail"], rows["targets"], rows["loss_mask"], divergence=kd.divergence,
-            temperature=kd.temperature, kd_ratio=kd.kd_ratio, beta=kd.beta, alpha=kd.alpha, **common)
+            temperature=kd.temperature, kd_ratio=kd.kd_ratio, beta=kd.beta, alpha=kd.alpha, **tail, **common)
     elif teacher_graphdef is None:
         loss, metrics = losses.chunked_cross_entropy(h, head, rows["targets"], rows["loss_mask"], **common)
     else:
@@ -184,10 +186,15 @@ def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=N
     source)."""
     loss = loss_of(cfg, model, teacher, mesh, tokenizer, cache)
     b, seed = cfg.train.batch_size, cfg.train.seed
+    frozen = None if teacher is None else nnx.to_pure_dict(nnx.state(teacher))
+    if cache is not None and cache.tail_rank:  # the tail's basis: a constant of every step, placed once
+        basis = cache.tail_basis
+        frozen = {"tail_basis": jax.make_array_from_callback(basis.shape, NamedSharding(mesh, P()),
+                                                             lambda idx: basis[idx])}
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
                 batches=batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else
                                     RowBatches(rows["train"], b, seed)),
-                frozen=None if teacher is None else nnx.to_pure_dict(nnx.state(teacher)), evaluate=evaluate)
+                frozen=frozen, evaluate=evaluate)
 
 
 def prepare(cfg):

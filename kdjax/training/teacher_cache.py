@@ -19,6 +19,12 @@ The store is a zarr v3 hierarchy written through tensorstore, chunked by rows:
     DIR/logp       bf16 | fp16 | fp32 [M, T, K + S]: the teacher's log-prob of each id; a drawn id:
                    log(tail mass * count / S), so drawn weights sum to the tail they stand for
     DIR/log_rest   fp32 [M, T]: the log of the teacher's mass outside the top K
+    DIR/tail_coef  (cache.tail_rank = r > 0) [M, T, r] in the log-probs' dtype: coefficients whose
+                   product with tail_basis approximates the token's teacher logits (at temperature 1)
+    DIR/tail_basis fp32 [r, V] and DIR/tail_encoder fp32 [D, r] (coef = final hidden state @ encoder):
+                   the r directions of the teacher's logits that vary most over the response tokens
+                   of the first FIT_ROWS rows (fit_tail); training spreads each token's tail mass in proportion
+                   to exp(coef @ basis / temperature) instead of keeping it one bucket
     DIR/done       uint8 [chunks]: 1 once chunk c (rows c R .. c R + R - 1, R = cache.chunk_rows) is written
 
 Off the response tokens every array holds 0. A chunk is written whole (one file an array, which
@@ -55,6 +61,7 @@ FORMAT = 1
 ATTR = "kdjax_teacher_cache"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 NO_TAIL = -np.inf  # log_tail of a token whose tail mass all went to drawn tokens
+FIT_ROWS = 128  # the first rows of a store, whose response tokens the tail basis is fitted on
 
 
 class CacheError(UserError):
@@ -77,6 +84,11 @@ def check_config(cfg):
     for name in ("chunk_rows", "batch_size"):
         if c[name] < 1:
             raise ConfigError(f"cache.{name}", f"={c[name]}: must be >= 1")
+    if c.tail_rank < 0:
+        raise ConfigError("cache.tail_rank", f"={c.tail_rank}: must be >= 0 (0: the tail as one bucket)")
+    if c.tail_rank and c.samples:
+        raise ConfigError("cache.tail_rank", f"={c.tail_rank} with cache.samples={c.samples}: drawn tokens carry "
+                                             f"the tail; choose one (cache.samples=0, or cache.tail_rank=0)")
 
 
 def file_sha256(path: str) -> str:
@@ -157,7 +169,8 @@ BUILD_FIELDS = (("top_k", "cache.top_k", lambda c: c.cache.top_k),
                 ("samples", "cache.samples", lambda c: c.cache.samples),
                 ("dtype", "cache.dtype", lambda c: c.cache.dtype),
                 ("chunk_rows", "cache.chunk_rows", lambda c: c.cache.chunk_rows),
-                ("seed", "cache.seed", lambda c: c.cache.seed if c.cache.samples else 0))
+                ("seed", "cache.seed", lambda c: c.cache.seed if c.cache.samples else 0),
+                ("tail_rank", "cache.tail_rank", lambda c: c.cache.tail_rank))
 DATA_FIELDS = ("data.source", "data.layout", "data.stdlib_pairs", "data.limit", "data.seed", "data.valid", "data.test")
 
 
@@ -184,8 +197,8 @@ def mismatch(stored: dict, cfg, tokenizer, train_rows: dict, *, build: bool = Fa
     if stored.get("format") != FORMAT:
         return f"it is in store format {stored.get('format')}, this kdjax writes {FORMAT}"
     for attr, flag, get in FIELDS + (BUILD_FIELDS if build else ()):
-        if stored[attr] != get(cfg):
-            return f"it was built with {flag}={stored[attr]!r}, this run has {flag}={get(cfg)!r}"
+        if stored.get(attr, 0) != get(cfg):  # a store from before tail_rank existed has none: 0
+            return f"it was built with {flag}={stored.get(attr, 0)!r}, this run has {flag}={get(cfg)!r}"
     if stored["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
         return (f"it was built with another tokenizer (that of {stored['teacher']}) than --config.teacher="
                 f"{cfg.teacher}'s")
@@ -263,9 +276,15 @@ def _spec(path: str, name: str, shape=None, chunks=None, dtype=None) -> dict:
 def _shapes(attrs: dict, width: int) -> dict:
     """name -> (shape, chunk shape, dtype) of a store's arrays; width = data.max_length."""
     m, r, k = attrs["cached_rows"], attrs["chunk_rows"], attrs["top_k"] + attrs["samples"]
-    return {"rows": ((m,), (m,), "int32"), "ids": ((m, width, k), (r, width, k), "int32"),
-            "logp": ((m, width, k), (r, width, k), attrs["dtype"]),
-            "log_rest": ((m, width), (r, width), "float32"), "done": ((-(-m // r),), (1,), "uint8")}
+    out = {"rows": ((m,), (m,), "int32"), "ids": ((m, width, k), (r, width, k), "int32"),
+           "logp": ((m, width, k), (r, width, k), attrs["dtype"]),
+           "log_rest": ((m, width), (r, width), "float32"), "done": ((-(-m // r),), (1,), "uint8")}
+    rank = attrs.get("tail_rank", 0)
+    if rank:
+        v, d = attrs["vocab_size"], attrs["hidden_size"]
+        out.update(tail_coef=((m, width, rank), (r, width, rank), attrs["dtype"]),
+                   tail_basis=((rank, v), (rank, v), "float32"), tail_encoder=((d, rank), (d, rank), "float32"))
+    return out
 
 
 def open_arrays(path: str, attrs: dict, *, create: bool = False) -> dict:
@@ -274,7 +293,7 @@ def open_arrays(path: str, attrs: dict, *, create: bool = False) -> dict:
     out = {}
     for name, (shape, chunks, dtype) in _shapes(attrs, attrs["max_length"]).items():
         spec = _spec(path, name, shape, chunks, dtype) if create else _spec(path, name)
-        out[name] = ts.open(spec, create=create, open=not create).result()
+        out[name] = ts.open(spec, create=create, open=not create, delete_existing=create).result()
     return out
 
 
@@ -300,6 +319,15 @@ class TeacherCache:
         self.where = np.full(attrs["train_rows"], -1, np.int64)  # training row -> store row
         self.where[self.order] = np.arange(len(self.order))
         self.vocab_size, self.top_k, self.samples = attrs["vocab_size"], attrs["top_k"], attrs["samples"]
+        self.tail_rank = attrs.get("tail_rank", 0)
+        self._basis = None
+
+    @property
+    def tail_basis(self) -> np.ndarray | None:
+        """The [r, V] basis of the tail's logits (None: the tail is one bucket)."""
+        if self.tail_rank and self._basis is None:
+            self._basis = self.arrays["tail_basis"].read().result()
+        return self._basis
 
     def missing(self, rows: np.ndarray) -> np.ndarray:
         """The training rows of `rows` the store does not hold."""
@@ -310,14 +338,20 @@ class TeacherCache:
         "logp" [B, T, K + S], "log_tail" float32 [B, T]}; only the rows in `part` are read (a
         process's own), the others are zeros."""
         b, (_, t, k) = len(rows), self.arrays["ids"].shape
-        out = {"ids": np.zeros((b, t, k), np.int32), "logp": np.zeros((b, t, k), DTYPES[self.attrs["dtype"]]),
+        dtype = DTYPES[self.attrs["dtype"]]
+        out = {"ids": np.zeros((b, t, k), np.int32), "logp": np.zeros((b, t, k), dtype),
                "log_tail": np.zeros((b, t), np.float32)}
+        if self.tail_rank:
+            out["tail_coef"] = np.zeros((b, t, self.tail_rank), dtype)
         picked = self.where[rows[part]]
         if len(picked):
             unique, back = np.unique(picked, return_inverse=True)
-            got = {name: self.arrays[name][unique].read() for name in ("ids", "logp", "log_rest")}
+            names = ("ids", "logp", "log_rest") + (("tail_coef",) if self.tail_rank else ())
+            got = {name: self.arrays[name][unique].read() for name in names}
             out["ids"][part] = got["ids"].result()[back]
             out["logp"][part] = got["logp"].result()[back]
+            if self.tail_rank:
+                out["tail_coef"][part] = got["tail_coef"].result()[back]
             rest = got["log_rest"].result()[back]
             out["log_tail"][part] = NO_TAIL if self.samples else rest  # drawn tokens carry the tail
         return out
@@ -348,6 +382,12 @@ def open_for(cfg, tokenizer, train_rows: dict) -> TeacherCache:
     return cache
 
 
+def token_bytes(attrs: dict) -> int:
+    """Bytes a response token takes in a store of these attributes, uncompressed."""
+    item = np.dtype(DTYPES[attrs["dtype"]]).itemsize
+    return (4 + item) * (attrs["top_k"] + attrs["samples"]) + 4 + item * attrs.get("tail_rank", 0)
+
+
 # ---- building it ------------------------------------------------------------------------------------
 def draw(key, t_logp, top_ids, samples: int):
     """`samples` tokens a position [..., S] drawn from the teacher t_logp [..., V] outside its top ids
@@ -358,13 +398,17 @@ def draw(key, t_logp, top_ids, samples: int):
     return jnp.moveaxis(drawn, 0, -1).astype(jnp.int32)
 
 
-def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, *, graphdef, mesh, vocab, top_k,
-                  samples, temperature, seed, packed):
+def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, encoder=None, *, graphdef, mesh, vocab,
+                  top_k, samples, temperature, seed, packed, hidden=False):
     """The sparse teacher of P rows [P, T] (split over the mesh's "data" devices): ids [P, T, K + S]
-    (the drawn ones not yet counted), logp [P, T, K] fp32, log_rest [P, T]. rows_index [P]: each
-    row's store index, which seeds its draws."""
+    (the drawn ones not yet counted), logp [P, T, K] fp32, log_rest [P, T], and with `encoder` [D, r]
+    the tail's coefficients [P, T, r] fp32. rows_index [P]: each row's store index, which seeds its
+    draws. hidden: the final hidden states [P, T, D] fp32 instead (what fit_tail is fitted on)."""
     model = nnx.merge(graphdef, params)
     h = model.hidden_states(input_ids, positions=positions, segment_ids=segment_ids if packed else None)
+    if hidden:
+        return h.astype(jnp.float32)
+    coef = () if encoder is None else (jnp.dot(h, encoder.astype(h.dtype), preferred_element_type=jnp.float32),)
 
     def device(h, w, rows_index):
         def one(xs):  # one row: its [T, V] log-probs exist only here
@@ -378,11 +422,32 @@ def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, *, grap
         return jax.lax.map(one, (h, rows_index))
 
     return jax.shard_map(device, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P("data"),
-                         check_vma=False)(h, model.head_kernel()[:, :vocab], rows_index)
+                         check_vma=False)(h, model.head_kernel()[:, :vocab], rows_index) + coef
+
+
+def fit_tail(h: np.ndarray, w, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder [D, rank], basis [rank, V]) fp32 such that (h @ encoder) @ basis is the best rank-r
+    approximation, in squared error over the vocabulary, of the logits h @ w of the hidden states
+    h [N, D] it is fitted on (w [D, V], the head): with w = U S V^T, the principal directions Q of
+    g = h U S, encoder = U S Q and basis = Q^T V^T; directions beyond what w spans are zero."""
+    w = jnp.asarray(w, jnp.float32)
+    gram = np.asarray(jnp.dot(w, w.T, preferred_element_type=jnp.float32), np.float64)
+    ev, u = np.linalg.eigh(gram)
+    keep = ev > ev.max() * 1e-10
+    u, s = u[:, keep], np.sqrt(ev[keep])
+    g = np.asarray(h, np.float64) @ u * s
+    _, q = np.linalg.eigh(g.T @ g)
+    q = q[:, ::-1][:, :rank]
+    encoder = np.zeros((w.shape[0], rank))
+    encoder[:, :q.shape[1]] = (u * s) @ q
+    to_basis = np.zeros((rank, w.shape[0]), np.float32)
+    to_basis[:q.shape[1]] = (q.T / s) @ u.T
+    basis = np.asarray(jnp.dot(jnp.asarray(to_basis), w, preferred_element_type=jnp.float32))
+    return encoder.astype(np.float32), basis
 
 
 def pack_tokens(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray, keep: np.ndarray, top_k: int, samples: int,
-                dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                dtype, coef=None) -> tuple[np.ndarray, ...]:
     """A pass's arrays as stored: the drawn ids counted (each id once, weight log(tail mass *
     count / S), the tail mass being 1 when K = 0; empty slots -1), log-probs in the storage dtype,
     everything 0 off the response tokens (`keep` [..., T])."""
@@ -405,7 +470,8 @@ def pack_tokens(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray, keep: np.nd
             out[..., top_k:].shape)
     keep = keep.astype(bool)
     return (np.where(keep[..., None], ids, 0), np.where(keep[..., None], out, 0.0).astype(dtype),
-            np.where(keep, rest, 0.0).astype(np.float32))
+            np.where(keep, rest, 0.0).astype(np.float32)) + (
+        () if coef is None else (np.where(keep[..., None], coef, 0.0).astype(dtype),))
 
 
 class _Lock:
@@ -478,47 +544,64 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
     t0 = time.time()
     teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
     vocab = teacher.config.vocab_size
-    attrs = stored or dict(describe(cfg, tokenizer, train, order), vocab_size=vocab)
-    top_k, samples, r = attrs["top_k"], attrs["samples"], attrs["chunk_rows"]
+    attrs = stored or dict(describe(cfg, tokenizer, train, order), vocab_size=vocab,
+                           hidden_size=teacher.config.hidden_size)
+    top_k, samples, r, rank = attrs["top_k"], attrs["samples"], attrs["chunk_rows"], attrs.get("tail_rank", 0)
     if top_k + samples > vocab:
         raise ConfigError("cache.top_k", f"={top_k} (+ cache.samples={samples}) exceeds the teacher's "
                                          f"vocabulary of {vocab}")
-    if stored is None and writer:
-        write_attrs(out, attrs)
-        arrays = open_arrays(out, attrs, create=True)
-        arrays["rows"].write(order).result()
-    barrier("teacher cache: created")
-    arrays = open_arrays(out, attrs)
-    order = arrays["rows"].read().result()
-    done = arrays["done"].read().result()
-    m, chunks = len(order), len(done)
-    mine = [i for i in range(chunks) if i % jax.process_count() == jax.process_index() and not done[i]]
-    if done.any():
-        log(f"teacher cache {out}: {int(done.sum())} of {chunks} chunks written earlier, continuing")
     per_pass = cfg.cache.batch_size * len(local)
     rows_sh = NamedSharding(mesh, P("data"))
     graphdef, params = nnx.split(teacher)
-    step = jax.jit(partial(_teacher_pass, graphdef=graphdef, mesh=mesh, vocab=vocab, top_k=top_k, samples=samples,
-                           temperature=attrs["temperature"], seed=attrs["seed"], packed=attrs["packing"]))
-    dtype = DTYPES[attrs["dtype"]]
-    tokens, t_start = 0, time.time()
-    for n_done, i in enumerate(mine, 1):
-        lo, hi = i * r, min((i + 1) * r, m)
-        idx = order[lo:hi]
-        parts = []
-        for a in range(0, hi - lo, per_pass):  # passes of per_pass rows, the last padded with row 0
-            take = np.arange(lo + a, min(lo + a + per_pass, hi))
+    common = dict(graphdef=graphdef, mesh=mesh, vocab=vocab, top_k=top_k, samples=samples,
+                  temperature=attrs["temperature"], seed=attrs["seed"], packed=attrs["packing"])
+
+    def passes(lo, hi, fn, *extra):
+        """fn's outputs (host arrays) over store rows lo .. hi - 1, per_pass rows a pass (the last
+        padded with row lo), and each pass's rows."""
+        for a in range(lo, hi, per_pass):
+            take = np.arange(a, min(a + per_pass, hi))
             pad = np.concatenate([take, np.full(per_pass - len(take), lo)])
             rows = {k: train[k][order[pad]] for k in kdata.ROW_KEYS}
             put = lambda x: jax.device_put(x, rows_sh)
             with jax.set_mesh(mesh):
-                got = step(params, put(pad.astype(np.int32)), put(rows["input_ids"]), put(rows["positions"]),
-                           put(rows["segment_ids"]))
-            ids, logp, rest = (np.asarray(x)[:len(take)] for x in got)
-            parts.append(pack_tokens(ids, logp, rest, rows["loss_mask"][:len(take)], top_k, samples, dtype))
-        ids, logp, rest = (np.concatenate(p) for p in zip(*parts))
-        writes = [arrays["ids"][lo:hi].write(ids), arrays["logp"][lo:hi].write(logp),
-                  arrays["log_rest"][lo:hi].write(rest)]
+                got = fn(params, put(pad.astype(np.int32)), put(rows["input_ids"]), put(rows["positions"]),
+                         put(rows["segment_ids"]), *extra)
+            yield jax.tree.map(lambda x: np.asarray(x)[:len(take)], got), {k: v[:len(take)] for k, v in rows.items()}
+
+    if stored is None and writer:  # the arrays first, the group's attributes last: a store is whole or absent
+        arrays = open_arrays(out, attrs, create=True)
+        arrays["rows"].write(order).result()
+        if rank:  # fitted once, on the first rows' response tokens, by one process: every pass uses these
+            fit = jax.jit(partial(_teacher_pass, **common, hidden=True))
+            attrs["tail_fit_rows"] = min(FIT_ROWS, len(order))
+            h = np.concatenate([x[rows["loss_mask"].astype(bool)] for x, rows in
+                                passes(0, attrs["tail_fit_rows"], fit)])
+            encoder, basis = fit_tail(h, teacher.head_kernel()[:, :vocab], rank)
+            arrays["tail_encoder"].write(encoder).result()
+            arrays["tail_basis"].write(basis).result()
+            log(f"teacher cache: tail basis of rank {rank} fitted on {len(h)} response tokens of the first "
+                f"{attrs['tail_fit_rows']} rows")
+        write_attrs(out, attrs)
+    barrier("teacher cache: created")
+    arrays = open_arrays(out, attrs)
+    order = arrays["rows"].read().result()
+    done = arrays["done"].read().result()
+    encoder = (arrays["tail_encoder"].read().result(),) if rank else ()
+    m, chunks = len(order), len(done)
+    mine = [i for i in range(chunks) if i % jax.process_count() == jax.process_index() and not done[i]]
+    if done.any():
+        log(f"teacher cache {out}: {int(done.sum())} of {chunks} chunks written earlier, continuing")
+    step = jax.jit(partial(_teacher_pass, **common))
+    dtype = DTYPES[attrs["dtype"]]
+    names = ("ids", "logp", "log_rest") + (("tail_coef",) if rank else ())
+    tokens, t_start = 0, time.time()
+    for n_done, i in enumerate(mine, 1):
+        lo, hi = i * r, min((i + 1) * r, m)
+        idx = order[lo:hi]
+        parts = [pack_tokens(*got[:3], rows["loss_mask"], top_k, samples, dtype, *got[3:])
+                 for got, rows in passes(lo, hi, step, *encoder)]
+        writes = [arrays[name][lo:hi].write(np.concatenate(p)) for name, p in zip(names, zip(*parts))]
         for w in writes:
             w.result()
         arrays["done"][i].write(np.uint8(1)).result()  # after the rows: a marked chunk is whole
@@ -533,14 +616,15 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
         if not done.all():
             raise CacheError(f"{out}: chunks {np.flatnonzero(done == 0).tolist()[:10]} were not written")
         n_tokens = int(train["loss_mask"][order].sum())
-        size = sum(store_bytes(os.path.join(out, a)) for a in ("ids", "logp", "log_rest"))
+        size = sum(store_bytes(os.path.join(out, a)) for a in names)
         attrs = dict(attrs, complete=True, response_tokens=n_tokens, store_bytes=store_bytes(out),
                      bytes_per_token=size / max(n_tokens, 1),
                      seconds=round(time.time() - t0, 1))
         write_attrs(out, attrs)
         log(f"teacher cache {out}: {m} rows, {n_tokens} response tokens, K={top_k}"
-            + (f" + {samples} drawn" if samples else "") + f", {attrs['bytes_per_token']:.0f} bytes a "
-            f"response token ({(4 + np.dtype(dtype).itemsize) * (top_k + samples) + 4} uncompressed), "
+            + (f" + {samples} drawn" if samples else "") + (f", a tail of rank {rank}" if rank else "")
+            + f", {attrs['bytes_per_token']:.0f} bytes a response token ({token_bytes(attrs)} uncompressed)"
+            + (f" + the tail basis, {4 * rank * vocab / 2**20:.1f} MiB once" if rank else "") + ", "
             f"{time.time() - t0:.0f}s")
     barrier("teacher cache: complete")
     return read_attrs(out)
