@@ -314,14 +314,15 @@ def _completed_teacher(logp, log_tail, ids, z, *, offset=0, valid=None, tensor_a
     """completed_teacher on this shard's columns offset .. offset + v - 1 (z [..., v] its logits)."""
     v = z.shape[-1]
     bins = coarse_teacher(logp, log_tail, ids)
-    inside = support_mask(ids, v, offset)
-    outside = ~inside if valid is None else ~inside & valid
-    tail = bins[..., -1:] + z - _logsumexp_where(z, outside, tensor_axis)[..., None]
     flat_ids = ids.reshape(-1, ids.shape[-1]) - offset
     cols = jnp.where((flat_ids >= 0) & (flat_ids < v), flat_ids, v)  # v: not on this shard, dropped
     rows = jnp.arange(flat_ids.shape[0])[:, None]
-    exact = jnp.zeros((flat_ids.shape[0], v), jnp.float32).at[rows, cols].set(
+    # one scatter gives both the support (log-probs are finite, <= 0) and its values: +inf elsewhere
+    exact = jnp.full((flat_ids.shape[0], v), jnp.inf, jnp.float32).at[rows, cols].set(
         bins[..., :-1].reshape(flat_ids.shape), mode="drop").reshape(z.shape)
+    inside = exact < jnp.inf
+    outside = ~inside if valid is None else ~inside & valid
+    tail = bins[..., -1:] + z - _logsumexp_where(z, outside, tensor_axis)[..., None]
     return jnp.where(inside, exact, jnp.where(outside, tail, _PAD_LOGP))
 
 
@@ -389,8 +390,8 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
     s_h [n, Ds], s_w [Ds, v] (this device's vocabulary columns), targets/mask [n] with n a
     multiple of `chunk`, teacher () or (t_h [n, Dt], t_w [Dt, v]) or, sparse, ((ids [n, K], logp
     [n, K], log_tail [n][, tail_coef [n, r]]) of every token, (tail_basis [r, v],) or ()). Returns
-    the sums over all devices (loss_sum, kd_sum, ce_sum, count); with_grad also (d loss_sum / d s_h [n, Ds], d loss_sum / d s_w [Ds, v] fp32)
-    for this device's shard.
+    the sums over all devices (loss_sum, kd_sum, ce_sum, count); with_grad also (d loss_sum / d s_h
+    [n, Ds], d loss_sum / d s_w [Ds, v] fp32) for this device's shard.
 
     With gradients, each chunk's logit gradient comes from autodiff of the same per-token
     functions and goes straight into the two head matmuls (the fused-linear pattern): nothing
@@ -532,7 +533,8 @@ def _chunked(s_h, s_w, teacher, targets, mask, *, per_token, temperature, kd_rat
              vocab_size, chunk_size, mesh, normalizer, sparse=False):
     """Shared machinery: flatten, pad, (shard_map), scan over chunks -> (loss, metrics).
     teacher: None (cross-entropy only), (t_h [B, T, Dt], t_w [Dt, Vt]), or with `sparse`
-    (ids [B, T, K], logp [B, T, K], log_tail [B, T], tail_coef [B, T, r] | None, tail_basis [r, V] | None)."""
+    (ids [B, T, K], logp [B, T, K], log_tail [B, T], tail_coef [B, T, r] | None,
+    tail_basis [r, V] | None)."""
     _check_temperature(temperature)
     _check_kd_ratio(kd_ratio)
     if chunk_size < 1:

@@ -346,8 +346,7 @@ class TeacherCache:
         picked = self.where[rows[part]]
         if len(picked):
             unique, back = np.unique(picked, return_inverse=True)
-            names = ("ids", "logp", "log_rest") + (("tail_coef",) if self.tail_rank else ())
-            got = {name: self.arrays[name][unique].read() for name in names}
+            got = {name: self.arrays[name][unique].read() for name in token_arrays(self.tail_rank)}
             out["ids"][part] = got["ids"].result()[back]
             out["logp"][part] = got["logp"].result()[back]
             if self.tail_rank:
@@ -380,6 +379,11 @@ def open_for(cfg, tokenizer, train_rows: dict) -> TeacherCache:
                                            f"(cache.samples={cache.samples}) without a tail; use forward KL, JSD, "
                                            f"skew KL or TV, or a top-K cache")
     return cache
+
+
+def token_arrays(tail_rank: int) -> tuple[str, ...]:
+    """The arrays a store holds for each response token."""
+    return ("ids", "logp", "log_rest") + (("tail_coef",) if tail_rank else ())
 
 
 def token_bytes(attrs: dict) -> int:
@@ -594,7 +598,7 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
         log(f"teacher cache {out}: {int(done.sum())} of {chunks} chunks written earlier, continuing")
     step = jax.jit(partial(_teacher_pass, **common))
     dtype = DTYPES[attrs["dtype"]]
-    names = ("ids", "logp", "log_rest") + (("tail_coef",) if rank else ())
+    names = token_arrays(rank)
     tokens, t_start = 0, time.time()
     for n_done, i in enumerate(mine, 1):
         lo, hi = i * r, min((i + 1) * r, m)
