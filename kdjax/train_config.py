@@ -106,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.beta = 0.5
     c.kd.alpha = 0.1
     c.kd.chunk_size = 512
+    # sequence-level KD (kdjax distill): the student learns the teacher's distribution on the teacher's own
+    # greedy answers to the data's prompts (generated once a run) instead of on the data's responses
+    c.kd.teacher_answers = False
+    c.kd.answer_tokens = 64  # new tokens an answer, at most (and at most what data.max_length leaves)
     # a store of `kdjax teacher-cache` (kdjax/training/teacher_cache.py): KD from the teacher's cached top-K
     # log-probs + tail mass, no teacher in memory; the pipeline builds it there first when it is missing
     c.kd.teacher_cache = ""

@@ -228,3 +228,32 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     restored = ocp.CheckpointManager(str(tmp_path / "nan" / "checkpoints")).restore(good)
     leaves = jax.tree.leaves(restored["state"]["params"])
     assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
+    """issue 14, sequence-level KD: the KD rows are each prompt followed by the teacher's greedy
+    answer (checked against an argmax loop over the teacher's full forward, no KV cache), with the
+    loss on the answer; every row the run reads has one, and a resumed run reads them back."""
+    c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 5, "train.steps": 2,
+                                   "eval.batch_size": 16, "mesh.num_devices": 1})
+    distill.train(c)
+    stored = json.load(open(tmp_path / distill.ANSWERS))
+    answers = {int(i): a for i, a in stored["answers"].items()}
+    splits, tok, rows, _ = distill.prepare(c)
+    n = len(rows["train"]["input_ids"])
+    read = {int(i) for s in range(2) for i in data.batch_indices(n, s, batch_size=8, seed=0)}
+    assert set(answers) == read and all(1 <= len(a) <= 5 for a in answers.values())
+    examples = data.tokenize(splits["train"], tok, max_length=64, template=c.data.template, on_long_prompt="skip")
+    teacher = kdjax.load(c.teacher)[0]
+    for i in sorted(read)[:2]:
+        ids = list(examples[i].prompt_ids)
+        for _ in answers[i]:
+            ids.append(int(np.asarray(teacher(jnp.asarray([ids])))[0, -1].argmax()))
+        assert ids[len(examples[i].prompt_ids):] == answers[i], i
+    c.resume = True
+    batches = distill.AnswerBatches(c, rows["train"], examples, tok, None, str(tmp_path / distill.ANSWERS))
+    b = batches(0).arrays  # read back: no teacher needed
+    i = int(data.batch_indices(n, 0, batch_size=8, seed=0)[0])
+    p, a = len(examples[i].prompt_ids), answers[i]
+    assert list(b["input_ids"][0, :p + len(a)]) == list(examples[i].prompt_ids) + a
+    assert b["loss_mask"][0].sum() == len(a) and b["loss_mask"][0, p - 1] == 1

@@ -9,6 +9,9 @@ and the divergence runs on its support plus a tail bucket (losses.chunked_sparse
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from functools import partial
 
 import jax
@@ -27,6 +30,7 @@ from kdjax.training.rundir import RunDir
 from kdjax.training.state import config_mesh
 
 EVAL_METRICS = ("val_loss", "rougeL", "rougeL_unicode")
+ANSWERS = "teacher_answers.json"  # out_dir/: the teacher's answers a run with kd.teacher_answers learns on
 
 
 # ---- config and data, checked before any model is loaded --------------------------------------
@@ -54,6 +58,18 @@ def check_config(cfg):
     if kd.teacher_cache and cfg.mode not in ("distill", "sft"):
         raise ConfigError("kd.teacher_cache", f"={kd.teacher_cache!r}: `kdjax {cfg.mode}` scores the student's own "
                                               f"samples, which no cache holds; the cache is for kdjax distill")
+    if kd.teacher_answers:
+        if cfg.mode not in ("distill", "sft"):
+            raise ConfigError("kd.teacher_answers", f"=True: `kdjax {cfg.mode}` brings its own responses; the "
+                                                    f"teacher's answers are for kdjax distill")
+        if kd.teacher_cache:
+            raise ConfigError("kd.teacher_answers", "=True with kd.teacher_cache: the cache holds the teacher on the "
+                                                    "data's responses, not on its own answers; drop one")
+        if d.packing:
+            raise ConfigError("kd.teacher_answers", "=True with data.packing: one answer a row; set "
+                                                    "--config.data.packing=False")
+        if kd.answer_tokens < 1:
+            raise ConfigError("kd.answer_tokens", f"={kd.answer_tokens}: must be >= 1")
     teacher_cache.check_config(cfg)
     check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
 
@@ -120,6 +136,54 @@ class CachedBatches(RowBatches):
         idx = kdata.batch_indices(self.examples, step, batch_size=self.batch_size, seed=self.seed)
         rows = {k: v[idx] for k, v in self.data.items()}
         rows["teacher"] = self.cache.read(idx, self.mine)
+        return Batch(rows, tokens=rows["input_ids"].size)
+
+
+class AnswerBatches(RowBatches):
+    """Sequence-level KD (Kim & Rush, 2016): the rows of step s (as RowBatches) with each data
+    response replaced by the teacher's greedy answer to the row's prompt (at most kd.answer_tokens,
+    cut to data.max_length, its stop token kept). The answers of every row the run reads are
+    generated once, before step 0, in batches of eval.batch_size, and kept in
+    out_dir/teacher_answers.json, which a resumed run reads back."""
+
+    def __init__(self, cfg, rows, examples: list[kdata.Example], tokenizer, teacher, path: str):
+        from kdjax.training.rollout import BUCKET, sample
+        super().__init__(rows, cfg.train.batch_size, cfg.train.seed)
+        if len(examples) != self.examples:
+            raise ValueError(f"{len(examples)} examples for {self.examples} rows: one example a row expected")
+        self.prompts = [e.prompt_ids for e in examples]
+        self.width, self.pad = cfg.data.max_length, kdata.pad_id(tokenizer)
+        self.answers = {}
+        if cfg.resume and os.path.exists(path):
+            with open(path) as f:
+                self.answers = {int(i): a for i, a in json.load(f)["answers"].items()}
+        needed = sorted({int(i) for s in range(cfg.train.steps) for i in kdata.batch_indices(
+            self.examples, s, batch_size=self.batch_size, seed=self.seed)} - set(self.answers))
+        if not needed:
+            return
+        t0, b = time.time(), cfg.eval.batch_size
+        for k in range(0, len(needed), b):
+            part = needed[k:k + b]
+            prompts = [list(self.prompts[i]) for i in part]
+            longest = max(map(len, prompts))
+            new = sample(teacher, prompts, tokenizer=tokenizer, temperature=0.0, seed=0,
+                         max_new_tokens=min(cfg.kd.answer_tokens, self.width - longest),
+                         width=-(-longest // BUCKET) * BUCKET)
+            self.answers.update({i: [int(t) for t in a[:self.width - len(self.prompts[i])]] for i, a in zip(part, new)})
+            done, elapsed = k + len(part), time.time() - t0
+            print(f"teacher answers: {done}/{len(needed)} prompts | {elapsed:.0f} s | "
+                  f"ETA {elapsed / done * (len(needed) - done):.0f} s", flush=True)
+        if jax.process_index() == 0:
+            tokens = sum(len(self.answers[i]) for i in needed)
+            with open(path + ".new", "w") as f:
+                json.dump({"answers": {str(i): a for i, a in sorted(self.answers.items())},
+                           "tokens": tokens, "seconds": round(time.time() - t0, 1)}, f)
+            os.replace(path + ".new", path)
+
+    def __call__(self, step, model=None) -> Batch:
+        idx = kdata.batch_indices(self.examples, step, batch_size=self.batch_size, seed=self.seed)
+        rows = kdata.pack([kdata.Example(tuple(self.prompts[i]), tuple(self.answers[int(i)])) for i in idx],
+                          self.width, pad_id=self.pad)
         return Batch(rows, tokens=rows["input_ids"].size)
 
 
@@ -235,7 +299,13 @@ def train(cfg, *, overwrite: bool = False) -> dict:
             teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
             model = load_student(cfg, teacher, tokenizer, mesh)
         evaluate = validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
-        result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate, cache=cache), run)
+        batches = None
+        if teacher is not None and cfg.kd.teacher_answers:
+            examples = kdata.tokenize(splits["train"], tokenizer, max_length=cfg.data.max_length,
+                                      template=cfg.data.template, on_long_prompt="skip")
+            batches = AnswerBatches(cfg, rows["train"], examples, tokenizer, teacher,
+                                    os.path.join(cfg.out_dir, ANSWERS))
+        result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate, batches, cache), run)
     finally:
         run.close()
     return dict(student=result["model"], last=result["last"], teacher=teacher, tokenizer=tokenizer, splits=splits,

@@ -29,7 +29,7 @@ RUNTIME_FIELDS = ("out_dir", "resume", "train.log_every", "train.eval_every", "t
                   "cache.chunk_rows", "cache.batch_size")
 BEST = "best"
 _RUN_FILES = ("checkpoints", BEST, BEST + ".new", "metrics.jsonl", "tensorboard", "report.md", "report.json",
-              "curves.png", "done.json")
+              "curves.png", "done.json", "teacher_answers.json")
 
 
 class RunError(UserError):
