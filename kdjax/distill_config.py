@@ -14,9 +14,6 @@ Each choice and the measurement behind it (2-core CPU machine, 2026-11-29; docs/
 - eval.batch_size = 32, train.eval_every = 0: the 32 test prompts in one generation batch, and no
   validation pass inside a stage (each stage's model is scored once, at its end): the three
   stages and five evaluations took 17 minutes on an idle 2-core CPU (target: 15).
-- kd.chunk_size = 128: the loss skips the chunks with no response token (a third of the default
-  job's tokens are response tokens); the head's loss and gradient of a step took 1.32 -> 0.98 s
-  (SFT) and 1.58 -> 1.07 s (KD) against one chunk of 512 (bench in docs/distillation.md).
 """
 import ml_collections
 
@@ -29,5 +26,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"
     c.eval.batch_size = 32
     c.train.eval_every = 0
-    c.kd.chunk_size = 128
     return c

@@ -437,7 +437,7 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
                 kd_ratio * kd_sum + (1 - kd_ratio) * ce_sum)
         return loss, (kd_sum, ce_sum)
 
-    def live(dw, xs):
+    def body(dw, xs):
         sh, tg, m, tx = xs
         s_logits = jnp.dot(sh, s_w, preferred_element_type=jnp.float32)
         t = tx if sparse or t_w is None else jnp.dot(tx, t_w, preferred_element_type=jnp.float32)
@@ -451,19 +451,7 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
         dw = dw + jnp.dot(sh.T, dz, preferred_element_type=jnp.float32)
         return dw, (loss, kd, ce, dsh.astype(s_h.dtype))
 
-    def dead(dw, xs):  # what `live` gives for a chunk with no loss token, without its head matmuls
-        zero = jnp.where(jnp.any(xs[2]), jnp.float32(0), jnp.float32(0))  # varying over the tokens, as live's sums
-        dsh = (jnp.zeros((chunk, s_h.shape[1]), s_h.dtype) + zero.astype(s_h.dtype),) if with_grad else ()
-        return dw, (zero, zero, zero) + dsh
-
-    def body(dw, xs):
-        return live(dw, xs) if n == chunk else lax.cond(jnp.any(xs[2]), live, dead, dw, xs)
-
-    # The loss tokens first (a stable order): the chunks after them have none and are skipped.
-    order = jnp.argsort(~mask, stable=True) if n > chunk else None
-
     def chunks(x):
-        x = x if order is None else x[order]
         return x.reshape(n // chunk, chunk, *x.shape[1:])
 
     tx = (tuple(map(chunks, teacher[0])) if sparse else chunks(teacher[0])) if teacher else None
@@ -480,8 +468,7 @@ def _device_pass(s_h, s_w, targets, mask, teacher, *, with_grad, per_token, temp
         dw = None if dw is None else lax.psum(dw, tuple(token_axes))
     if not with_grad:
         return sums
-    dsh = ys[3].reshape(n, -1)
-    return sums, (dsh if order is None else jnp.zeros_like(dsh).at[order].set(dsh), dw)
+    return sums, (ys[3].reshape(n, -1), dw)
 
 
 def _zero_cotangent(x):
