@@ -236,15 +236,14 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
     loss on the answer; every row the run reads has one, and a resumed run reads them back."""
     c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 5, "train.steps": 2,
                                    "eval.batch_size": 16, "mesh.num_devices": 1})
-    distill.train(c)
+    out = distill.train(c)
     stored = json.load(open(tmp_path / distill.ANSWERS))
     answers = {int(i): a for i, a in stored["answers"].items()}
-    splits, tok, rows, _ = distill.prepare(c)
+    splits, tok, rows, teacher = out["splits"], out["tokenizer"], out["rows"], out["teacher"]
     n = len(rows["train"]["input_ids"])
     read = {int(i) for s in range(2) for i in data.batch_indices(n, s, batch_size=8, seed=0)}
     assert set(answers) == read and all(1 <= len(a) <= 5 for a in answers.values())
     examples = data.tokenize(splits["train"], tok, max_length=64, template=c.data.template, on_long_prompt="skip")
-    teacher = kdjax.load(c.teacher)[0]
     for i in sorted(read)[:2]:
         ids = list(examples[i].prompt_ids)
         for _ in answers[i]:
