@@ -6,6 +6,8 @@ SFT is the cross-entropy alone. Batches: `batch_at(rows, step)` of the tokenized
 a row, or packed rows with `data.packing`). With `kd.teacher_cache` the teacher is not loaded: each
 batch carries the teacher's cached sparse distribution of its rows (kdjax.training.teacher_cache)
 and the divergence runs on its support plus a tail bucket (losses.chunked_sparse_distill_loss).
+With `kd.teacher_answers` (sequence-level KD) each row's response is the teacher's greedy answer to
+its prompt, generated once a run (AnswerBatches).
 """
 from __future__ import annotations
 
