@@ -25,6 +25,7 @@ from kdjax import data as kdata
 from kdjax import losses
 from kdjax.errors import ConfigError
 from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_steps
+from kdjax.training.rollout import BUCKET, completion_rows, sample
 from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, shared_vocab)
 from kdjax.sharding import process_rows
 from kdjax.training import teacher_cache
@@ -149,7 +150,6 @@ class AnswerBatches(RowBatches):
     out_dir/teacher_answers.json, which a resumed run reads back."""
 
     def __init__(self, cfg, rows, examples: list[kdata.Example], tokenizer, teacher, path: str):
-        from kdjax.training.rollout import BUCKET, sample
         super().__init__(rows, cfg.train.batch_size, cfg.train.seed)
         if len(examples) != self.examples:
             raise ValueError(f"{len(examples)} examples for {self.examples} rows: one example a row expected")
@@ -171,7 +171,7 @@ class AnswerBatches(RowBatches):
             new = sample(teacher, prompts, tokenizer=tokenizer, temperature=0.0, seed=0,
                          max_new_tokens=min(cfg.kd.answer_tokens, self.width - longest),
                          width=-(-longest // BUCKET) * BUCKET)
-            self.answers.update({i: [int(t) for t in a[:self.width - len(self.prompts[i])]] for i, a in zip(part, new)})
+            self.answers.update({i: [int(t) for t in a] for i, a in zip(part, new)})  # fit: new <= width - longest
             done, elapsed = k + len(part), time.time() - t0
             print(f"teacher answers: {done}/{len(needed)} prompts | {elapsed:.0f} s | "
                   f"ETA {elapsed / done * (len(needed) - done):.0f} s", flush=True)
@@ -184,8 +184,8 @@ class AnswerBatches(RowBatches):
 
     def __call__(self, step, model=None) -> Batch:
         idx = kdata.batch_indices(self.examples, step, batch_size=self.batch_size, seed=self.seed)
-        rows = kdata.pack([kdata.Example(tuple(self.prompts[i]), tuple(self.answers[int(i)])) for i in idx],
-                          self.width, pad_id=self.pad)
+        rows = completion_rows([self.prompts[i] for i in idx], [self.answers[int(i)] for i in idx], pad_id=self.pad,
+                               width=self.width)
         return Batch(rows, tokens=rows["input_ids"].size)
 
 
