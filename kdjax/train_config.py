@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
     # greedy answers to the data's prompts (generated once a run) instead of on the data's responses
     c.kd.teacher_answers = False
     c.kd.answer_tokens = 64  # new tokens an answer, at most (and at most what data.max_length leaves)
+    c.kd.answer_share = 1.0  # of each step's rows, this share (rounded) on the teacher's answers, the rest on the data's
     # a store of `kdjax teacher-cache` (kdjax/training/teacher_cache.py): KD from the teacher's cached top-K
     # log-probs + tail mass, no teacher in memory; the pipeline builds it there first when it is missing
     c.kd.teacher_cache = ""

@@ -14,9 +14,10 @@ from flax import nnx
 
 import kdjax
 from kdjax import checkpoint, data, evaluate, gguf_io, train_config
-from kdjax.training import distill, loop, models
+from kdjax.training import distill, loop, models, rollout
 from kdjax.training.run import run
 from kdjax.config import ModelConfig
+from kdjax.errors import ConfigError
 from kdjax.sharding import make_mesh
 from helpers import set_fields
 
@@ -234,7 +235,7 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
     """issue 14, sequence-level KD: the KD rows are each prompt followed by the teacher's greedy
     answer (checked against an argmax loop over the teacher's full forward, no KV cache), with the
     loss on the answer; every row the run reads has one, and a resumed run reads them back."""
-    c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 5, "train.steps": 2,
+    c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 12, "train.steps": 2,
                                    "eval.batch_size": 16, "mesh.num_devices": 1})
     out = distill.train(c)
     stored = json.load(open(tmp_path / distill.ANSWERS))
@@ -242,13 +243,16 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
     splits, tok, rows, teacher = out["splits"], out["tokenizer"], out["rows"], out["teacher"]
     n = len(rows["train"]["input_ids"])
     read = {int(i) for s in range(2) for i in data.batch_indices(n, s, batch_size=8, seed=0)}
-    assert set(answers) == read and all(1 <= len(a) <= 5 for a in answers.values())
     examples = data.tokenize(splits["train"], tok, max_length=64, template=c.data.template, on_long_prompt="skip")
-    for i in sorted(read)[:2]:
-        ids = list(examples[i].prompt_ids)
-        for _ in answers[i]:
-            ids.append(int(np.asarray(teacher(jnp.asarray([ids])))[0, -1].argmax()))
-        assert ids[len(examples[i].prompt_ids):] == answers[i], i
+    stops = set(rollout.stop_tokens_of(tok, teacher.config))
+    assert set(answers) == read
+    for i, a in answers.items():  # 12 tokens, or what the row's own prompt leaves of 64, or up to a stop token
+        assert 1 <= len(a) and (len(a) == min(12, 64 - len(examples[i].prompt_ids)) or a[-1] in stops), (i, a)
+    i = min(read, key=lambda i: len(examples[i].prompt_ids))  # the longest answer
+    ids = list(examples[i].prompt_ids)
+    for _ in answers[i]:
+        ids.append(int(np.asarray(teacher(jnp.asarray([ids])))[0, -1].argmax()))
+    assert ids[len(examples[i].prompt_ids):] == answers[i], i
     c.resume = True
     batches = distill.AnswerBatches(c, rows["train"], examples, tok, None, str(tmp_path / distill.ANSWERS))
     b = batches(0).arrays  # read back: no teacher needed
@@ -256,3 +260,18 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
     p, a = len(examples[i].prompt_ids), answers[i]
     assert list(b["input_ids"][0, :p + len(a)]) == list(examples[i].prompt_ids) + a
     assert b["loss_mask"][0].sum() == len(a) and b["loss_mask"][0, p - 1] == 1
+    # kd.answer_share 0.5: the first 4 rows of a step on the teacher's answers, the other 4 the data rows as they are;
+    # only those 4 need an answer (with no teacher given, a missing one would have to be generated and fail)
+    c.kd.answer_share = 0.5
+    idx = [data.batch_indices(n, s, batch_size=8, seed=0) for s in range(2)]
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps({"answers": {str(i): answers[int(i)] for ix in idx for i in ix[:4]}}))
+    b = distill.AnswerBatches(c, rows["train"], examples, tok, None, str(half))(1).arrays
+    for k in data.ROW_KEYS:
+        np.testing.assert_array_equal(b[k][4:], rows["train"][k][idx[1][4:]], err_msg=k)
+    j = int(idx[1][0])
+    assert list(b["input_ids"][0, len(examples[j].prompt_ids):][:len(answers[j])]) == answers[j]
+    for share in (0.0, 0.05, 1.5):  # batch_size 8: 0.05 of it rounds to no row
+        c.kd.answer_share = share
+        with pytest.raises(ConfigError, match="kd.answer_share"):
+            distill.check_config(c)

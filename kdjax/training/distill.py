@@ -73,6 +73,9 @@ def check_config(cfg):
                                                     "--config.data.packing=False")
         if kd.answer_tokens < 1:
             raise ConfigError("kd.answer_tokens", f"={kd.answer_tokens}: must be >= 1")
+        if not 0 < kd.answer_share <= 1 or answer_count(cfg) == 0:
+            raise ConfigError("kd.answer_share", f"={kd.answer_share}: must be in (0, 1] and leave at least one of "
+                                                 f"train.batch_size={cfg.train.batch_size} rows on an answer")
     teacher_cache.check_config(cfg)
     check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
 
@@ -112,6 +115,11 @@ def eval_records(records, tokenizer, cfg, n: int):
     return out
 
 
+def answer_count(cfg) -> int:
+    """Rows of each step that learn on the teacher's answer (kd.answer_share of train.batch_size)."""
+    return round(cfg.kd.answer_share * cfg.train.batch_size)
+
+
 # ---- the step: a loss and a batch source ------------------------------------------------------
 class RowBatches:
     """The batch of global step s: `kdata.batch_at(rows, s)`, a pure function of the step."""
@@ -143,35 +151,37 @@ class CachedBatches(RowBatches):
 
 
 class AnswerBatches(RowBatches):
-    """Sequence-level KD (Kim & Rush, 2016): the rows of step s (as RowBatches) with each data
-    response replaced by the teacher's greedy answer to the row's prompt (at most kd.answer_tokens,
-    cut to data.max_length, its stop token kept). The answers of every row the run reads are
-    generated once, before step 0, in batches of eval.batch_size, and kept in
-    out_dir/teacher_answers.json, which a resumed run reads back."""
+    """Sequence-level KD (Kim & Rush, 2016): the rows of step s (as RowBatches) with the data
+    response of the first `answer_count(cfg)` replaced by the teacher's greedy answer to the row's
+    prompt (at most kd.answer_tokens, cut to data.max_length, its stop token kept); the others keep
+    the data's response. The answers of every row the run reads there are generated once, before
+    step 0, in batches of eval.batch_size, and kept in out_dir/teacher_answers.json, which a resumed
+    run reads back."""
 
     def __init__(self, cfg, rows, examples: list[kdata.Example], tokenizer, teacher, path: str):
         super().__init__(rows, cfg.train.batch_size, cfg.train.seed)
         if len(examples) != self.examples:
             raise ValueError(f"{len(examples)} examples for {self.examples} rows: one example a row expected")
-        self.prompts = [e.prompt_ids for e in examples]
+        self.prompts, self.responses = [e.prompt_ids for e in examples], [e.response_ids for e in examples]
+        self.share = answer_count(cfg)
         self.width, self.pad = cfg.data.max_length, kdata.pad_id(tokenizer)
         self.answers = {}
         if cfg.resume and os.path.exists(path):
             with open(path) as f:
                 self.answers = {int(i): a for i, a in json.load(f)["answers"].items()}
         needed = sorted({int(i) for s in range(cfg.train.steps) for i in kdata.batch_indices(
-            self.examples, s, batch_size=self.batch_size, seed=self.seed)} - set(self.answers))
+            self.examples, s, batch_size=self.batch_size, seed=self.seed)[:self.share]} - set(self.answers))
         if not needed:
             return
         t0, b = time.time(), cfg.eval.batch_size
+        needed.sort(key=lambda i: len(self.prompts[i]))  # a batch of prompts of about one length: one prompt bucket
         for k in range(0, len(needed), b):
             part = needed[k:k + b]
             prompts = [list(self.prompts[i]) for i in part]
-            longest = max(map(len, prompts))
             new = sample(teacher, prompts, tokenizer=tokenizer, temperature=0.0, seed=0,
-                         max_new_tokens=min(cfg.kd.answer_tokens, self.width - longest),
-                         width=-(-longest // BUCKET) * BUCKET)
-            self.answers.update({i: [int(t) for t in a] for i, a in zip(part, new)})  # fit: new <= width - longest
+                         max_new_tokens=cfg.kd.answer_tokens, width=-(-len(prompts[-1]) // BUCKET) * BUCKET)
+            # each answer cut to what its own prompt leaves of the row (not to what the batch's longest leaves)
+            self.answers.update({i: [int(t) for t in a[:self.width - len(p)]] for i, p, a in zip(part, prompts, new)})
             done, elapsed = k + len(part), time.time() - t0
             print(f"teacher answers: {done}/{len(needed)} prompts | {elapsed:.0f} s | "
                   f"ETA {elapsed / done * (len(needed) - done):.0f} s", flush=True)
@@ -184,8 +194,9 @@ class AnswerBatches(RowBatches):
 
     def __call__(self, step, model=None) -> Batch:
         idx = kdata.batch_indices(self.examples, step, batch_size=self.batch_size, seed=self.seed)
-        rows = completion_rows([self.prompts[i] for i in idx], [self.answers[int(i)] for i in idx], pad_id=self.pad,
-                               width=self.width)
+        rows = completion_rows([self.prompts[i] for i in idx], [self.answers[int(i)] if k < self.share else
+                                                                self.responses[i] for k, i in enumerate(idx)],
+                               pad_id=self.pad, width=self.width)
         return Batch(rows, tokens=rows["input_ids"].size)
 
 

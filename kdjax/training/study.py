@@ -35,7 +35,8 @@ from kdjax.training.run import run_teacher_sft, student_init
 
 METRICS = ("rougeL", "rougeL_unicode", "loss")
 UNUSED_AT_KD_RATIO_0 = {"kd.divergence": "forward_kl", "kd.temperature": 1.0, "kd.beta": 0.5, "kd.alpha": 0.1,
-                        "kd.teacher_answers": False, "kd.answer_tokens": 64}  # the baseline learns the data
+                        "kd.teacher_answers": False, "kd.answer_tokens": 64,
+                        "kd.answer_share": 1.0}  # the baseline learns the data
 
 
 def parse_grid(spec: str, cfg) -> dict[str, list]:
