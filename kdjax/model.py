@@ -26,6 +26,44 @@ _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 ACTIVATION = ("batch", "length", "embed")
 
 
+def _dot(a, b, contract):
+    """A dot of two arrays of one dtype, summed in float32, rounded once to that dtype."""
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x, w):
+    return _dot(x, w, ((x.ndim - 1,), (0,)))
+
+
+def _matmul_fwd(x, w):
+    return _low_precision_matmul(x, w), (x, w)
+
+
+def _matmul_bwd(saved, g):
+    x, w = saved
+    g = g.astype(x.dtype)
+    dx = _dot(g, w, ((g.ndim - 1,), (1,)))
+    dw = _dot(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), ((0,), (0,)))
+    return dx, dw
+
+
+_low_precision_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w):
+    """x [..., K] @ w [K, N] in their dtype (one dtype). In bfloat16 / float16 every dot, forward
+    and backward, sums in float32 and is rounded once, the rounding of a plain low-precision dot,
+    but XLA:CPU runs a dot whose *output* is bfloat16 on a slow path (5x the time of the same dot
+    with a float32 output at the student's projection shapes; a KD step of SmolLM2-135M on the
+    2-core CPU 1.45x faster: docs/benchmarks.md), so the output is float32, cast once; the
+    backward dots take the cotangent in the inputs' dtype (as a plain dot's autodiff does) rather
+    than the float32 a cast's transpose gives, which would run them in float32."""
+    if x.dtype == jnp.float32:
+        return x @ w
+    return _low_precision_matmul(x, w)
+
+
 class Linear(nnx.Module):
     def __init__(self, din, dout, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs.params(), (din, dout), cfg.weight_dtype), axes=axes)
@@ -33,7 +71,7 @@ class Linear(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x):
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -242,7 +280,7 @@ class CausalLM(nnx.Module):
     def logits(self, h):
         """Output head on hidden states: [..., D] -> [..., V] in the compute dtype."""
         if self.lm_head is None:
-            return h @ self.embed_tokens.embedding[...].astype(h.dtype).T
+            return matmul(h, self.embed_tokens.embedding[...].astype(h.dtype).T)
         return self.lm_head(h)
 
     def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, cache=None):

@@ -287,3 +287,39 @@ def test_unknown_sources_are_clear_errors(monkeypatch):
         kdjax.load("no-such-model")
     with pytest.raises(FileNotFoundError, match=r"missing.gguf: no such GGUF file"):
         kdjax.load("missing.gguf")
+
+
+def test_low_precision_matmul_sums_in_fp32_and_its_backward_stays_bf16():
+    """kdjax.model.matmul in bf16: forward and both gradients equal float64 numpy's, rounded once to
+    bf16 (at most one bf16 ulp apart: the sum order differs), and every dot of the backward takes two
+    bf16 operands (a float32 cotangent would run it on XLA:CPU's float32 path)."""
+    from kdjax.model import matmul
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 24, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, 80)) * 0.1, jnp.bfloat16)
+    c = jnp.asarray(rng.standard_normal((2, 24, 80)), jnp.bfloat16)
+    f = lambda x, w: jnp.sum((matmul(x, w) * c).astype(jnp.float32))
+    y, (gx, gw) = jax.jit(lambda x, w: (matmul(x, w), jax.grad(f, (0, 1))(x, w)))(x, w)
+    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, c))
+    ref_c = np.asarray(jnp.asarray(c64, jnp.float32).astype(jnp.bfloat16), np.float64)  # the cotangent, bf16
+    for got, want in ((y, x64 @ w64), (gx, ref_c @ w64.T), (gw, np.einsum("btk,btn->kn", x64, ref_c))):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+        rounded = np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16), np.float64)
+        ulp = np.abs(rounded) * 2.0 ** -7 + 1e-30
+        assert np.all(np.abs(np.asarray(got, np.float64) - rounded) <= ulp)
+        assert np.mean(np.asarray(got, np.float64) == rounded) > 0.99
+    def dots(jaxpr):  # every dot_general, inside nested jaxprs too
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                yield e
+            for p in e.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    yield from dots(inner)
+    found = list(dots(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr))
+    assert len(found) == 3  # forward, d/dx, d/dw
+    for e in found:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
+        assert e.params["preferred_element_type"] == jnp.float32, e
+    y32 = matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(y32), x64 @ w64, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ import numpy as np
 from aqt.jax.v2 import aqt_dot_general, aqt_tensor, config as aqt_config
 from flax import nnx
 
+from kdjax.model import matmul
 from kdjax.quant.grid import QuantizedLinear
 from kdjax.quant.quantize import QuantizedModel, get_linear
 
@@ -102,7 +103,7 @@ class Int4Linear(nnx.Module):
 
     def __call__(self, x):
         """x: [..., in] -> [..., out] in the compute dtype."""
-        y = x.astype(self.dtype) @ self.dequantized_kernel()
+        y = matmul(x.astype(self.dtype), self.dequantized_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
