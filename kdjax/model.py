@@ -12,6 +12,8 @@ prompts of different lengths decode exactly like unpadded ones.
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,15 +53,30 @@ def _matmul_bwd(saved, g):
 _low_precision_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+_TARGET = []  # the platform of the programs being traced, when it is not the default backend's
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+    """Trace for platform `name` ("tpu", "gpu", "cpu") rather than for the default backend's:
+    kdjax.plan lowers TPU programs on a CPU host."""
+    _TARGET.append(name)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
 def matmul(x, w):
-    """x [..., K] @ w [K, N] in their dtype (one dtype). In bfloat16 / float16 every dot, forward
-    and backward, sums in float32 and is rounded once, the rounding of a plain low-precision dot,
-    but XLA:CPU runs a dot whose *output* is bfloat16 on a slow path (5x the time of the same dot
-    with a float32 output at the student's projection shapes; a KD step of SmolLM2-135M on the
-    2-core CPU 1.45x faster: docs/benchmarks.md), so the output is float32, cast once; the
-    backward dots take the cotangent in the inputs' dtype (as a plain dot's autodiff does) rather
-    than the float32 a cast's transpose gives, which would run them in float32."""
-    if x.dtype == jnp.float32:
+    """x [..., K] @ w [K, N] in their dtype (one dtype). Every low-precision dot sums in float32 and
+    is rounded once. On a CPU, a bfloat16 / float16 dot here has a float32 output, cast once, and
+    its backward dots take the cotangent in the inputs' dtype (custom_vjp): XLA:CPU runs a dot
+    whose *output* is bfloat16 on a slow path (5x the time of the same dot with a float32 output at
+    the student's projection shapes), and a float32 cotangent (a cast's transpose) would run the
+    backward dots in float32; a KD step of SmolLM2-135M on the 2-core CPU is 1.2-1.35x faster
+    (docs/benchmarks.md). On GPU and TPU it is the plain dot: the custom rule would hide the dots
+    from jax.checkpoint's dots_* policies and recompute one more under remat."""
+    if x.dtype == jnp.float32 or (_TARGET[-1] if _TARGET else jax.default_backend()) != "cpu":
         return x @ w
     return _low_precision_matmul(x, w)
 

@@ -176,11 +176,13 @@ def _oom(message: str) -> dict | None:
 def compile_program(program, sl: Slice) -> dict:
     """Lowers and compiles one kdjax.programs.Program for the slice; its report as a dict."""
     from kdjax import hlo_cost
+    from kdjax.model import target_platform
     chip = sl.chip
     out = dict(program=program.name, what=program.what, tokens=program.tokens)
     t0 = time.perf_counter()
     try:
-        compiled = program.lower().compile()
+        with target_platform("tpu"):  # traced on this CPU host for the slice's chips
+            compiled = program.lower().compile()
     except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is an answer, not a crash
         out["compile_s"] = round(time.perf_counter() - t0, 1)
         oom = _oom(str(e))

@@ -289,11 +289,12 @@ def test_unknown_sources_are_clear_errors(monkeypatch):
         kdjax.load("missing.gguf")
 
 
-def test_low_precision_matmul_sums_in_fp32_and_its_backward_stays_bf16():
+def test_low_precision_matmul_sums_in_fp32_and_its_backward_stays_bf16_on_cpu():
     """kdjax.model.matmul in bf16: forward and both gradients equal float64 numpy's, rounded once to
     bf16 (at most one bf16 ulp apart: the sum order differs), and every dot of the backward takes two
-    bf16 operands (a float32 cotangent would run it on XLA:CPU's float32 path)."""
-    from kdjax.model import matmul
+    bf16 operands (a float32 cotangent would run it on XLA:CPU's float32 path); traced for a TPU
+    (kdjax.plan's programs) it is the plain bf16 dot."""
+    from kdjax.model import matmul, target_platform
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 24, 96)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((96, 80)) * 0.1, jnp.bfloat16)
@@ -321,5 +322,8 @@ def test_low_precision_matmul_sums_in_fp32_and_its_backward_stays_bf16():
     for e in found:
         assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
         assert e.params["preferred_element_type"] == jnp.float32, e
+    with target_platform("tpu"):  # traced for a TPU (kdjax.plan): the plain dot, which remat's dots_* policies see
+        plain = list(dots(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr))
+    assert len(plain) == 3 and all(e.params["preferred_element_type"] == jnp.bfloat16 for e in plain)
     y32 = matmul(x.astype(jnp.float32), w.astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(y32), x64 @ w64, rtol=1e-5, atol=1e-5)
