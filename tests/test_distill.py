@@ -249,9 +249,10 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
     for i, a in answers.items():  # 12 tokens, or what the row's own prompt leaves of 64, or up to a stop token
         assert 1 <= len(a) and (len(a) == min(12, 64 - len(examples[i].prompt_ids)) or a[-1] in stops), (i, a)
     i = min(read, key=lambda i: len(examples[i].prompt_ids))  # the longest answer
-    ids = list(examples[i].prompt_ids)
-    for _ in answers[i]:
-        ids.append(int(np.asarray(teacher(jnp.asarray([ids])))[0, -1].argmax()))
+    ids, forward = list(examples[i].prompt_ids), nnx.jit(lambda m, x: m(x))
+    for _ in answers[i]:  # causal: the logits at the last token do not see the padding after it
+        logits = forward(teacher, jnp.asarray([ids + [0] * (64 - len(ids))]))
+        ids.append(int(np.asarray(logits)[0, len(ids) - 1].argmax()))
     assert ids[len(examples[i].prompt_ids):] == answers[i], i
     c.resume = True
     batches = distill.AnswerBatches(c, rows["train"], examples, tok, None, str(tmp_path / distill.ANSWERS))
