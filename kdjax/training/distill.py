@@ -25,7 +25,7 @@ from kdjax import data as kdata
 from kdjax import losses
 from kdjax.errors import ConfigError
 from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_steps
-from kdjax.training.rollout import BUCKET, completion_rows, sample
+from kdjax.training.rollout import bucket_width, completion_rows, sample
 from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, shared_vocab)
 from kdjax.sharding import process_rows
 from kdjax.training import teacher_cache
@@ -179,7 +179,7 @@ class AnswerBatches(RowBatches):
             part = needed[k:k + b]
             prompts = [list(self.prompts[i]) for i in part]
             new = sample(teacher, prompts, tokenizer=tokenizer, temperature=0.0, seed=0,
-                         max_new_tokens=cfg.kd.answer_tokens, width=-(-len(prompts[-1]) // BUCKET) * BUCKET)
+                         max_new_tokens=cfg.kd.answer_tokens, width=bucket_width(prompts))
             # each answer cut to what its own prompt leaves of the row (not to what the batch's longest leaves)
             self.answers.update({i: [int(t) for t in a[:self.width - len(p)]] for i, p, a in zip(part, prompts, new)})
             done, elapsed = k + len(part), time.time() - t0

@@ -20,7 +20,7 @@ from kdjax.errors import ConfigError
 from kdjax.training import distill
 from kdjax.training.loop import Batch, fit, resolve_steps, sample_seed
 from kdjax.training.models import load_frozen, load_student
-from kdjax.training.rollout import BUCKET, completion_rows, sample
+from kdjax.training.rollout import bucket_width, completion_rows, sample
 from kdjax.training.rundir import RunDir
 
 
@@ -52,7 +52,7 @@ class OnPolicyBatches:
         room = width - max(map(len, prompts))
         completions = sample(model, prompts, tokenizer=self.tokenizer, max_new_tokens=min(cfg.gkd.max_new_tokens, room),
                              temperature=cfg.gkd.temperature, seed=sample_seed(cfg, step),
-                             width=-(-max(map(len, prompts)) // BUCKET) * BUCKET)
+                             width=bucket_width(prompts))
         rows = completion_rows(prompts, completions, pad_id=self.pad, width=width)  # fit: completions <= room
         return Batch(rows, tokens=rows["input_ids"].size,
                      metrics={"on_policy": 1.0, "sample_s": time.time() - t0,

@@ -17,6 +17,11 @@ from kdjax.generate import generate, stop_tokens_of
 BUCKET = 64  # prompt widths are padded to a multiple of this: one compilation a run
 
 
+def bucket_width(prompts: Sequence[Sequence[int]]) -> int:
+    """The width a batch of these prompts is left-padded to: the longest, rounded up to BUCKET."""
+    return -(-max(map(len, prompts), default=1) // BUCKET) * BUCKET
+
+
 @dataclasses.dataclass
 class Prompts:
     """The prompts of a split, encoded once: records and their ids (those of 1 to `room` tokens),
@@ -30,8 +35,8 @@ class Prompts:
     def of(cls, records, tokenizer, *, template: str, room: int, system: str | None = None) -> "Prompts":
         ids = data.prompt_ids(records, tokenizer, template=template, system=system)
         kept = [(r, p) for r, p in zip(records, ids) if 0 < len(p) <= room]
-        width = -(-max((len(p) for _, p in kept), default=1) // BUCKET) * BUCKET
-        return cls([r for r, _ in kept], [p for _, p in kept], width, len(records) - len(kept))
+        return cls([r for r, _ in kept], [p for _, p in kept], bucket_width([p for _, p in kept]),
+                   len(records) - len(kept))
 
     def __len__(self):
         return len(self.ids)
