@@ -34,7 +34,7 @@ setup(
         # libtpu (through jax[tpu], the release matching the installed jax): `kdjax plan` compiles for TPU
         # slices with its compile-only client, on any machine; the tests do too. It does not change what
         # other JAX programs run on: without a TPU, JAX falls back to the CPU (kdjax plan sets its own env).
-        "test": ["pytest", "torch==2.13.0", "accelerate", "optimum==2.3.0", "gptqmodel==7.6.0", "jax[tpu]"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "accelerate", "optimum==2.3.0", "gptqmodel==7.6.0", "jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
