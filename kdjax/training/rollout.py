@@ -35,8 +35,8 @@ class Prompts:
     def of(cls, records, tokenizer, *, template: str, room: int, system: str | None = None) -> "Prompts":
         ids = data.prompt_ids(records, tokenizer, template=template, system=system)
         kept = [(r, p) for r, p in zip(records, ids) if 0 < len(p) <= room]
-        return cls([r for r, _ in kept], [p for _, p in kept], bucket_width([p for _, p in kept]),
-                   len(records) - len(kept))
+        prompts = [p for _, p in kept]
+        return cls([r for r, _ in kept], prompts, bucket_width(prompts), len(records) - len(kept))
 
     def __len__(self):
         return len(self.ids)
