@@ -209,6 +209,20 @@ def total_variation(student_logits, teacher_logits, mask=None, temperature=1.0):
     return _plain(total_variation_per_token, student_logits, teacher_logits, mask, temperature)
 
 
+def hidden_state_loss(student_states, teacher_states, mask, normalizer=None):
+    """Intermediate-state distillation: the squared error of each student layer's residual stream
+    to its teacher layer's, relative to the teacher's (||s - t||^2 / ||t||^2 a token), averaged over
+    the layers; summed over the mask's tokens / normalizer (default: their count).
+    student_states, teacher_states: lists of [B, T, D], paired in order; mask: [B, T]."""
+    m = mask.astype(jnp.float32)
+    per_token = 0.0
+    for s, t in zip(student_states, teacher_states, strict=True):
+        s, t = s.astype(jnp.float32), t.astype(jnp.float32)
+        per_token = per_token + jnp.sum(jnp.square(s - t), -1) / jnp.maximum(jnp.sum(jnp.square(t), -1), 1e-6)
+    total = jnp.sum(per_token * m) / len(student_states)
+    return total / (jnp.maximum(jnp.sum(m), 1.0) if normalizer is None else normalizer)
+
+
 def cross_entropy(logits, targets, mask=None):
     """Mean -log q(target) over unmasked tokens (temperature 1). Logits [B, T, V], targets [B, T]."""
     logp = _log_probs(logits)

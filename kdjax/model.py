@@ -243,8 +243,10 @@ class CausalLM(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
-        """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
+                      layers: bool = False):
+        """Final-normed hidden states [B, T, D] (and the updated cache when one is given; with
+        `layers`, and no cache, also the residual stream after each decoder layer, a list of [B, T, D]).
 
         input_ids: [B, T] int. attention_mask: [B, T] (1 = token, 0 = padding), default all ones:
         plain causal attention, which is also exact for the real tokens of right-padded rows.
@@ -281,15 +283,16 @@ class CausalLM(nnx.Module):
         call = _layer_call
         if self.config.remat:
             call = nnx.remat(_layer_call, policy=getattr(jax.checkpoint_policies, self.config.remat_policy))
-        new_kv = []
+        new_kv, states = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache["kv"][i]
             x, kv = call(layer, x, positions, mask, kv, index)
             x = shard_constraint(x, ACTIVATION)
             new_kv.append(kv)
+            states.append(x)
         h = self.norm(x)
         if cache is None:
-            return h
+            return (h, states) if layers else h
         cache = dict(kv=new_kv, valid=valid, index=index + t,
                      next_pos=jnp.where(am.any(1), positions[:, -1] + 1, cache["next_pos"]))
         return h, cache

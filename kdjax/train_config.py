@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.beta = 0.5
     c.kd.alpha = 0.1
     c.kd.chunk_size = 512
+    # + this x the relative squared error of each student layer's residual stream to its teacher layer's
+    # (the student made of the teacher's student_layers; live teacher only): Minitron's intermediate-state KD
+    c.kd.hidden_weight = 0.0
     # sequence-level KD (kdjax distill): the student learns the teacher's distribution on the teacher's own
     # greedy answers to the data's prompts (generated once a run) instead of on the data's responses
     c.kd.teacher_answers = False

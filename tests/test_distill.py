@@ -118,6 +118,44 @@ def test_the_report_puts_the_sft_baseline_beside_kd(setup, tmp_path):
     assert verdict["text"] in (tmp_path / "report.md").read_text()
 
 
+def test_hidden_state_kd_adds_the_layers_relative_error_and_trains_it_down(setup, tmp_path):
+    """kd.hidden_weight: loss = KD + w x the mean over student layers of ||s - t||^2 / ||t||^2 (each
+    student layer against the teacher layer it was made of), over every real token."""
+    from functools import partial
+    c = config(setup, "unused", **{"kd.hidden_weight": 0.7})
+    teacher, tok = kdjax.load(str(setup / "teacher"))
+    tparams = nnx.to_pure_dict(nnx.state(teacher))
+    rows = distill.make_rows(c.data, distill.load_splits(c.data), tok)["train"]
+    rows = {k: jnp.asarray(v[:4]) for k, v in rows.items() if k in data.ROW_KEYS}
+    for spec in ("0,1", "every_other"):
+        c.student_layers = spec
+        student = models.student_from_teacher(teacher, models.parse_layers(spec, 4))
+        graphdef, params = nnx.split(student)
+        values = {}
+        for w in (0.0, 0.7):
+            c.kd.hidden_weight = w
+            loss = distill.loss_of(c, student, teacher, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+            values[w] = loss(nnx.to_pure_dict(params), rows, tparams, distill.token_totals(rows))
+        # float64 numpy from the two models' layer states
+        _, s_states = student.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+        _, t_states = teacher.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+        real = np.asarray(rows["segment_ids"]) > 0
+        ref = np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
+                       / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
+                       for a, j in zip(s_states, models.parse_layers(spec, 4))], axis=0).mean()
+        assert float(values[0.7][1]["hidden_loss"]) == pytest.approx(ref, rel=1e-4)
+        assert float(values[0.7][0]) == pytest.approx(float(values[0.0][0]) + 0.7 * ref, rel=1e-5)
+        assert (ref == 0.0) == (spec == "0,1")  # the teacher's first layers: the same states, nothing to learn
+    end = {}
+    for w in (1e-9, 1.0):  # the metric of a run that (all but) ignores the term, and of one that learns it
+        out = distill.train(config(setup, tmp_path / str(w), **{"kd.hidden_weight": w, "mesh.num_devices": 1}))
+        end[w] = [json.loads(l)["hidden_loss"] for l in open(tmp_path / str(w) / "metrics.jsonl")][-3:]
+    assert np.mean(end[1.0]) < 0.8 * np.mean(end[1e-9])
+    with pytest.raises(ConfigError, match=r"kd.hidden_weight=1.0: the student's 2 layers.*'0,1,2'"):
+        distill.loss_of(set_fields(c, **{"kd.hidden_weight": 1.0, "student_layers": "0,1,2"}), out["student"],
+                        teacher, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+
 def test_select_best_exports_the_best_validation_step(setup, tmp_path):
     """train.select_best: the model kept, exported and reported is the one of the best validation
     eval (at lr 0.1 the tiny student's validation loss is lowest at the first eval, step 2 of 12)."""

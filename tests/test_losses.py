@@ -725,3 +725,24 @@ def test_chunked_completed_sparse_matches_numpy_on_meshes(mesh_shape, cases):
         assert_close(dw, ref_dw, 1e-4, f"d student_head {what}")
         assert_close(exact[0][0], dense[0][0], 1e-5, f"exact tail = dense loss {what}")
         assert_close(exact[1][1], dense[1][1], 1e-4, f"exact tail = dense d head {what}")
+
+
+def test_hidden_state_loss_matches_float64_numpy():
+    """Intermediate-state KD: mean over layer pairs of ||s - t||^2 / ||t||^2 a token, summed over
+    the masked tokens / normalizer; its gradient w.r.t. the student states by hand."""
+    rng = np.random.default_rng(7)
+    s = [rng.normal(size=(2, 5, 6)).astype(np.float32) for _ in range(3)]
+    t = [rng.normal(size=(2, 5, 6)).astype(np.float32) * 2 for _ in range(3)]
+    mask = rng.uniform(size=(2, 5)) < 0.7
+    norm = 13.0
+    s64, t64, m = [x.astype(np.float64) for x in s], [x.astype(np.float64) for x in t], mask.astype(np.float64)
+    tt = [np.sum(b * b, -1) for b in t64]
+    ref = sum(np.sum(np.sum((a - b) ** 2, -1) / n * m) for a, b, n in zip(s64, t64, tt)) / 3 / norm
+    ref_grad = [2 * (a - b) / n[..., None] * m[..., None] / 3 / norm for a, b, n in zip(s64, t64, tt)]
+    fn = lambda ss: losses.hidden_state_loss(ss, [jnp.asarray(x) for x in t], jnp.asarray(mask), norm)
+    val, grad = jax.value_and_grad(fn)([jnp.asarray(x) for x in s])
+    assert_close(val, ref, 1e-5, "loss")
+    for g, r in zip(grad, ref_grad):
+        assert_close(g, r, 1e-5, "grad")
+    assert float(fn(t)) == 0.0  # a student with the teacher's states loses nothing
+    assert float(losses.hidden_state_loss(s, t, jnp.asarray(mask))) == pytest.approx(ref * norm / m.sum(), rel=1e-5)

@@ -62,6 +62,21 @@ def test_logits_match_transformers(pair):
     assert np.abs(out - ref).max() < 1e-4
 
 
+def test_layer_states_match_transformers_hidden_states(pair):
+    """hidden_states(layers=True): the residual stream after each decoder layer, as transformers'
+    output_hidden_states gives it (whose last entry has the final norm applied)."""
+    cfg, tm, model, _ = pair
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = [x.numpy() for x in tm(torch.tensor(ids), output_hidden_states=True).hidden_states]
+    h, states = model.hidden_states(jnp.asarray(ids), layers=True)
+    assert len(states) == cfg.num_layers == len(ref) - 1
+    for i, x in enumerate(states[:-1]):
+        np.testing.assert_allclose(np.asarray(x), ref[i + 1], rtol=1e-4, atol=1e-4, err_msg=f"layer {i}")
+    np.testing.assert_allclose(np.asarray(h), ref[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(model.norm(states[-1])), ref[-1], rtol=1e-4, atol=1e-4)
+
+
 def test_config_maps_from_hf(pair):
     cfg, tm, model, d = pair
     assert model.config == ModelConfig.from_hf(json.load(open(os.path.join(d, "config.json"))))

@@ -26,7 +26,8 @@ from kdjax import losses
 from kdjax.errors import ConfigError
 from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_steps
 from kdjax.training.rollout import bucket_width, completion_rows, sample
-from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, shared_vocab)
+from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, parse_layers,
+                                   shared_vocab)
 from kdjax.sharding import process_rows
 from kdjax.training import teacher_cache
 from kdjax.training.rundir import RunDir
@@ -56,6 +57,11 @@ def check_config(cfg):
     for name in ("beta", "alpha"):
         if not 0 <= kd[name] <= 1:
             raise ConfigError(f"kd.{name}", f"={kd[name]}: must be in [0, 1]")
+    if kd.hidden_weight < 0:
+        raise ConfigError("kd.hidden_weight", f"={kd.hidden_weight}: must be >= 0")
+    if kd.hidden_weight and kd.teacher_cache:
+        raise ConfigError("kd.hidden_weight", f"={kd.hidden_weight} with kd.teacher_cache: the cache holds the "
+                                              f"teacher's outputs, not its layers' states; set it to 0 or drop the cache")
     if kd.chunk_size < 1:
         raise ConfigError("kd.chunk_size", f"={kd.chunk_size}: must be >= 1")
     if kd.teacher_cache and cfg.mode not in ("distill", "sft"):
@@ -201,16 +207,22 @@ class AnswerBatches(RowBatches):
 
 
 def token_totals(rows) -> dict:
-    """The KD / SFT normaliser: response tokens of the whole batch."""
-    return {"tokens": jnp.maximum(jnp.sum(rows["loss_mask"]), 1.0)}
+    """The KD / SFT normalisers: response tokens of the whole batch; all its tokens (the hidden-state
+    loss's)."""
+    return {"tokens": jnp.maximum(jnp.sum(rows["loss_mask"]), 1.0),
+            "all_tokens": jnp.maximum(jnp.sum(rows["segment_ids"] > 0), 1.0)}
 
 
 def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef, kd, vocab_size, mesh,
-            packed=False):
+            packed=False, layer_map=None):
     """Response-token loss of one micro-batch: the sum over its tokens / the batch's token count.
     With rows["teacher"] (a cached sparse teacher; teacher_params {"tail_basis"} when it has a
-    low-rank tail): KD from it; else without a teacher (teacher_graphdef None): SFT's cross-entropy."""
-    h, head = hidden_and_head(graphdef, params, rows, packed=packed)
+    low-rank tail): KD from it; else without a teacher (teacher_graphdef None): SFT's cross-entropy.
+    With layer_map (the teacher layer of each student layer) and kd.hidden_weight: + that weight x
+    `losses.hidden_state_loss` of the student's layers to the teacher's, over every token."""
+    hidden = bool(layer_map) and kd.hidden_weight > 0 and teacher_graphdef is not None and "teacher" not in rows
+    out = hidden_and_head(graphdef, params, rows, packed=packed, layers=hidden)
+    h, head = out[0], out[-1]
     common = dict(vocab_size=vocab_size, chunk_size=kd.chunk_size, mesh=mesh, normalizer=totals["tokens"])
     if "teacher" in rows:
         t = rows["teacher"]
@@ -221,11 +233,17 @@ def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef,
     elif teacher_graphdef is None:
         loss, metrics = losses.chunked_cross_entropy(h, head, rows["targets"], rows["loss_mask"], **common)
     else:
-        th, thead = jax.tree.map(jax.lax.stop_gradient,
-                                 hidden_and_head(teacher_graphdef, teacher_params, rows, packed=packed))
+        tout = jax.tree.map(jax.lax.stop_gradient,
+                            hidden_and_head(teacher_graphdef, teacher_params, rows, packed=packed, layers=hidden))
+        th, thead = tout[0], tout[-1]
         loss, metrics = losses.chunked_distill_loss(h, head, th, thead, rows["targets"], rows["loss_mask"],
                                                     divergence=kd.divergence, temperature=kd.temperature,
                                                     kd_ratio=kd.kd_ratio, beta=kd.beta, alpha=kd.alpha, **common)
+        if hidden:
+            hl = losses.hidden_state_loss(out[1], [tout[1][j] for j in layer_map], rows["segment_ids"] > 0,
+                                          totals["all_tokens"])
+            loss = loss + kd.hidden_weight * hl
+            metrics = {**metrics, "loss": loss, "hidden_loss": hl}
     metrics.pop("num_tokens")
     return loss, metrics
 
@@ -252,9 +270,17 @@ def loss_of(cfg, model, teacher, mesh, tokenizer=None, cache=None):
     """The KD loss of these models as the loop's step takes it: from `teacher`, or from the sparse
     teacher each batch carries (`cache`, a teacher_cache.TeacherCache), or SFT when neither is given."""
     vocab = cache.vocab_size if cache else None if teacher is None else shared_vocab(model, teacher, tokenizer)
+    layer_map = None
+    if teacher is not None and cfg.kd.hidden_weight > 0:
+        layer_map = tuple(parse_layers(cfg.student_layers, teacher.config.num_layers))
+        if len(layer_map) != model.config.num_layers or model.config.hidden_size != teacher.config.hidden_size:
+            raise ConfigError("kd.hidden_weight", f"={cfg.kd.hidden_weight}: the student's {model.config.num_layers} "
+                                                  f"layers of width {model.config.hidden_size} are not the teacher's "
+                                                  f"student_layers={cfg.student_layers!r} ({len(layer_map)} of width "
+                                                  f"{teacher.config.hidden_size})")
     return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
                    nnx.graphdef(teacher), kd=cfg.kd, vocab_size=vocab, mesh=mesh if mesh.size > 1 else None,
-                   packed=bool(cfg.data.packing))
+                   packed=bool(cfg.data.packing), layer_map=layer_map)
 
 
 def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None, cache=None) -> Task:

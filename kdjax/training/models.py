@@ -95,14 +95,15 @@ def shared_vocab(student, teacher, tokenizer) -> int:
     return min(sv, tv)
 
 
-def hidden_and_head(graphdef, params, rows, *, packed: bool = False):
-    """Final hidden states [B, T, D] and the output head [D, V] of the model on data rows.
+def hidden_and_head(graphdef, params, rows, *, packed: bool = False, layers: bool = False):
+    """Final hidden states [B, T, D] and the output head [D, V] of the model on data rows (with
+    `layers`: and the residual stream after each decoder layer, a list of [B, T, D]).
 
     Rows without packing hold one right-padded sequence each, so causal attention alone is exact
     for every real token (padding comes after them and carries no loss), and fused attention
     kernels run their causal mask, not a [B, T, T] bias. Packed rows attend inside their segment.
     """
     model = nnx.merge(graphdef, params)
-    h = model.hidden_states(rows["input_ids"], positions=rows["positions"],
-                            segment_ids=rows["segment_ids"] if packed else None)
-    return h, model.head_kernel()
+    out = model.hidden_states(rows["input_ids"], positions=rows["positions"],
+                              segment_ids=rows["segment_ids"] if packed else None, layers=layers)
+    return (*out, model.head_kernel()) if layers else (out, model.head_kernel())

@@ -157,10 +157,11 @@ def _check_qad_stage(cfg):
 
 
 def qad_stage_config(cfg):
-    """The QAD stage of a KD run (quant.aware), in out_dir/qad: its own steps and lr, the last step kept."""
+    """The QAD stage of a KD run (quant.aware), in out_dir/qad: its own steps and lr, the last step kept,
+    on the divergence alone (kd.hidden_weight, a KD student's layer-state term, was measured for KD only)."""
     return _stage_config(cfg, os.path.join(cfg.out_dir, "qad"), mode="qad", **{
         "train.steps": cfg.quant.steps, "train.lr": cfg.quant.lr, "train.epochs": 0.0, "train.weight_decay": 0.0,
-        "train.select_best": "", "train.eval_every": 0})
+        "train.select_best": "", "train.eval_every": 0, "kd.hidden_weight": 0.0})
 
 
 def _student_gptq(qcfg, student: str, result, qad_stage) -> str:
