@@ -8,6 +8,8 @@ trains from it with no teacher in memory, in runs/default_lr_sweep/run-*, and
 runs/default_lr_sweep/study.md tabulates them (Rouge-L, test loss, time a run) with the cache's
 build time. The grid is MiniLLM's for students under 1.3B; --seeds=0,1,2 gives each lr's spread.
 --config.kd.teacher_cache= runs the same sweep with the live teacher. Measured in docs/teacher_cache.md.
+The cache holds the teacher's outputs, not its layers' states, so the default job's intermediate-state
+term (kd.hidden_weight) is off here: the sweep is KD on the outputs alone.
 """
 from kdjax.distill_config import get_config as base_config
 
@@ -18,4 +20,5 @@ def get_config():
     c.out_dir = "runs/default_lr_sweep"
     c.kd.teacher_cache = "runs/default_lr_sweep/teacher_cache"
     c.cache.top_k = 64
+    c.kd.hidden_weight = 0.0
     return c

@@ -108,8 +108,8 @@ def test_default_file_is_the_embedded_default():
     assert load("configs/default.py").to_dict() == distill_config.get_config().to_dict()
     # the default job is the neutral config plus its recipe, nothing else
     job, base = flat(distill_config.get_config()), flat(train_config.get_config())
-    assert {k for k in job if job[k] != base[k]} == {"teacher_sft.steps", "dtype", "eval.batch_size",
-                                                          "train.eval_every"}
+    assert {k for k in job if job[k] != base[k]} == {"teacher_sft.steps", "kd.hidden_weight", "dtype",
+                                                          "eval.batch_size", "train.eval_every"}
 
 
 @pytest.mark.parametrize("name", ["dolly_en_kd", "dolly_en_rkl", "dolly_en_jsd", "dolly_es_kd", "bugnet_kd",

@@ -151,6 +151,8 @@ def test_hidden_state_kd_adds_the_layers_relative_error_and_trains_it_down(setup
         out = distill.train(config(setup, tmp_path / str(w), **{"kd.hidden_weight": w, "mesh.num_devices": 1}))
         end[w] = [json.loads(l)["hidden_loss"] for l in open(tmp_path / str(w) / "metrics.jsonl")][-3:]
     assert np.mean(end[1.0]) < 0.8 * np.mean(end[1e-9])
+    with pytest.raises(ConfigError, match=r"kd.hidden_weight=1.0 with kd.teacher_cache: the cache holds"):
+        distill.check_config(config(setup, "unused", **{"kd.hidden_weight": 1.0, "kd.teacher_cache": "somewhere"}))
     with pytest.raises(ConfigError, match=r"kd.hidden_weight=1.0: the student's 2 layers.*'0,1,2'"):
         distill.loss_of(set_fields(c, **{"kd.hidden_weight": 1.0, "student_layers": "0,1,2"}), out["student"],
                         teacher, make_mesh(1, 1, 1, devices=jax.devices()[:1]))

@@ -38,5 +38,6 @@ def main(argv):
     if not out:
         raise app.UsageError("where to? --out=DIR (or --config.kd.teacher_cache=DIR)")
     cfg.mode = "distill"
+    cfg.kd.hidden_weight = 0.0  # the student's loss: no part of the store (KD from it runs on the outputs alone)
     from kdjax.training.teacher_cache import build
     build(cfg, out, overwrite=FLAGS.overwrite)
