@@ -146,11 +146,18 @@ def test_hidden_state_kd_adds_the_layers_relative_error_and_trains_it_down(setup
         assert float(values[0.7][1]["hidden_loss"]) == pytest.approx(ref, rel=1e-4)
         assert float(values[0.7][0]) == pytest.approx(float(values[0.0][0]) + 0.7 * ref, rel=1e-5)
         assert (ref == 0.0) == (spec == "0,1")  # the teacher's first layers: the same states, nothing to learn
-    end = {}
+    curves = {}
     for w in (1e-9, 1.0):  # the metric of a run that (all but) ignores the term, and of one that learns it
         out = distill.train(config(setup, tmp_path / str(w), **{"kd.hidden_weight": w, "mesh.num_devices": 1}))
-        end[w] = [json.loads(l)["hidden_loss"] for l in open(tmp_path / str(w) / "metrics.jsonl")][-3:]
-    assert np.mean(end[1.0]) < 0.8 * np.mean(end[1e-9])
+        curves[w] = [json.loads(l) for l in open(tmp_path / str(w) / "metrics.jsonl")]
+    end = {w: np.mean([r["hidden_loss"] for r in rs][-3:]) for w, rs in curves.items()}
+    assert end[1.0] < 0.8 * end[1e-9], end
+    # on a 2 x 2 x 2 mesh (states sharded over the batch and the hidden width), the same run
+    distill.train(config(setup, tmp_path / "mesh", **{"kd.hidden_weight": 1.0, "mesh.data": 2, "mesh.fsdp": 2,
+                                                     "mesh.tensor": 2, "train.grad_accum": 2}))
+    on_mesh = [json.loads(l) for l in open(tmp_path / "mesh" / "metrics.jsonl")]
+    for key in ("loss", "hidden_loss"):
+        np.testing.assert_allclose([r[key] for r in on_mesh], [r[key] for r in curves[1.0]], rtol=2e-4, err_msg=key)
     with pytest.raises(ConfigError, match=r"kd.hidden_weight=1.0 with kd.teacher_cache: the cache holds"):
         distill.check_config(config(setup, "unused", **{"kd.hidden_weight": 1.0, "kd.teacher_cache": "somewhere"}))
     with pytest.raises(ConfigError, match=r"kd.hidden_weight=1.0: the student's 2 layers.*'0,1,2'"):

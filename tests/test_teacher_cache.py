@@ -255,6 +255,7 @@ def test_a_cache_of_another_run_is_refused_naming_the_field_before_any_model_loa
         teacher_cache.build(config(setup, **{"cache.top_k": 4}), str(tmp_path / "partial"))
     monkeypatch.undo()
     cli = subprocess.run([sys.executable, "-m", "kdjax", "distill", f"--config.kd.teacher_cache={store}",
+                          "--config.kd.hidden_weight=0",  # the default job's layer-state term: not from a cache
                           "--config.data.max_length=24", *[f"--config.{k}={v}" for k, v in
                                                            fields(setup, tmp_path / "cli").items()
                                                            if k != "data.max_length"]],
