@@ -121,7 +121,6 @@ def test_the_report_puts_the_sft_baseline_beside_kd(setup, tmp_path):
 def test_hidden_state_kd_adds_the_layers_relative_error_and_trains_it_down(setup, tmp_path):
     """kd.hidden_weight: loss = KD + w x the mean over student layers of ||s - t||^2 / ||t||^2 (each
     student layer against the teacher layer it was made of), over every real token."""
-    from functools import partial
     c = config(setup, "unused", **{"kd.hidden_weight": 0.7})
     teacher, tok = kdjax.load(str(setup / "teacher"))
     tparams = nnx.to_pure_dict(nnx.state(teacher))

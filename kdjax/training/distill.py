@@ -220,7 +220,7 @@ def kd_loss(params, rows, teacher_params, totals, *, graphdef, teacher_graphdef,
     low-rank tail): KD from it; else without a teacher (teacher_graphdef None): SFT's cross-entropy.
     With layer_map (the teacher layer of each student layer) and kd.hidden_weight: + that weight x
     `losses.hidden_state_loss` of the student's layers to the teacher's, over every token."""
-    hidden = bool(layer_map) and kd.hidden_weight > 0 and teacher_graphdef is not None and "teacher" not in rows
+    hidden = bool(layer_map)  # loss_of sets it only for a live teacher and kd.hidden_weight > 0
     out = hidden_and_head(graphdef, params, rows, packed=packed, layers=hidden)
     h, head = out[0], out[-1]
     common = dict(vocab_size=vocab_size, chunk_size=kd.chunk_size, mesh=mesh, normalizer=totals["tokens"])
