@@ -82,9 +82,9 @@ def test_quantize_writes_the_in_process_int4_model(tiny, quantized):
     model, tokenizer, _ = tiny
     out, stdout = quantized
     qm = quantize_model(model, calibration_ids(tokenizer), method="gptq", group_size=32, desc_act=True,
-                        batch_size=16)
+                        batch_size=16, mse=2.4)  # the command's default range search
     cfg, read, _ = read_gptq(out)
-    assert read.method == "gptq" and read.group_size == 32 and read.desc_act and read.sym
+    assert read.method == "gptq" and read.group_size == 32 and read.desc_act and read.sym and read.mse == 2.4
     assert sorted(read.linears) == sorted(qm.linears)
     for path, q in qm.linears.items():
         r = read.linears[path]

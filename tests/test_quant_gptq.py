@@ -10,8 +10,9 @@ from kdjax.quant.gptq import gptq_layer, hessian_finalize, hessian_init, hessian
 
 
 # ---- the reference, float64 numpy, torch orientation ---------------------------------------------
-def ref_find_params(x, bits, sym):
-    """Quantizer.find_params(x, weight=True) on x [out, cols]: per-row scale/zero [out, 1]."""
+def ref_find_params(x, bits, sym, mse=0.0, grid=100, maxshrink=0.8):
+    """Quantizer.find_params(x, weight=True) on x [out, cols]: per-row scale/zero [out, 1]; with
+    mse > 0 its range search (gptqmodel's loop over p = 1 - i / grid)."""
     maxq = 2 ** bits - 1
     xmin = np.minimum(x.min(1), 0)
     xmax = np.maximum(x.max(1), 0)
@@ -23,6 +24,17 @@ def ref_find_params(x, bits, sym):
     xmin[both], xmax[both] = -1, 1
     scale = (xmax - xmin) / maxq
     zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
+    if mse > 0:
+        best = np.full(x.shape[0], np.inf)
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            xmin1, xmax1 = p * xmin, p * xmax
+            scale1 = (xmax1 - xmin1) / maxq
+            zero1 = np.round(-xmin1 / scale1) if not sym else zero
+            deq, _ = ref_quantize(x, scale1[:, None], zero1[:, None], maxq)
+            err = np.sum(np.abs(deq - x) ** mse, 1)
+            better = err < best
+            best[better], scale[better], zero[better] = err[better], scale1[better], zero1[better]
     return scale[:, None], zero[:, None]
 
 
@@ -32,19 +44,19 @@ def ref_quantize(x, scale, zero, maxq):
 
 
 def ref_gptq(W, H, bits=4, group_size=128, sym=True, desc_act=False, static_groups=False,
-             percdamp=0.01, blocksize=128):
+             percdamp=0.01, blocksize=128, mse=0.0):
     """Returns integer codes [out, in], scale [out, G], zero [out, G], g_idx [in]."""
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
     rows, columns = W.shape
     maxq = 2 ** bits - 1
-    scale_q, zero_q = ref_find_params(W, bits, sym)
+    scale_q, zero_q = ref_find_params(W, bits, sym, mse)
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     scale, zero, groups = [], [], []
     if static_groups:
         for i in range(0, columns, group_size):
-            s, z = ref_find_params(W[:, i:i + group_size], bits, sym)
+            s, z = ref_find_params(W[:, i:i + group_size], bits, sym, mse)
             scale.append(s), zero.append(z), groups.append((s, z))
     if desc_act:
         perm = np.argsort(-np.diag(H), kind="stable")
@@ -68,7 +80,7 @@ def ref_gptq(W, H, bits=4, group_size=128, sym=True, desc_act=False, static_grou
             if group_size != -1:
                 if not static_groups:
                     if (i1 + i) % group_size == 0:
-                        scale_q, zero_q = ref_find_params(W[:, i1 + i:i1 + i + group_size], bits, sym)
+                        scale_q, zero_q = ref_find_params(W[:, i1 + i:i1 + i + group_size], bits, sym, mse)
                     if ((i1 + i) // group_size) - now_idx == -1:
                         scale.append(scale_q), zero.append(zero_q)
                         now_idx += 1
@@ -122,6 +134,8 @@ CASES = [  # each compiles once: one case per code path
     dict(group_size=-1),  # one group per column, found before dead rows are zeroed
     dict(group_size=32, desc_act=True, static_groups=True),
     dict(group_size=32, sym=False, bits=8),
+    dict(group_size=64, desc_act=True, mse=2.4),  # each group's range searched (gptqmodel's `mse`)
+    dict(group_size=32, sym=False, mse=2.0),
 ]
 
 
@@ -186,3 +200,26 @@ def test_dampening_grows_until_the_hessian_factors(caplog):
     assert q.codes.shape == (64, 64)
     with pytest.raises(ValueError, match="stays singular"):
         gptq_layer(w, -np.eye(64, dtype=np.float32), group_size=64, max_damp=0.05)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_search_equals_gptqmodels_quantizer(sym):
+    """find_params(mse=2.4) against gptqmodel's own Quantizer (torch, float32) on groups of 64 rows."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+    from gptqmodel.quantization.quantizer import Quantizer
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 96)) * rng.uniform(0.01, 0.1, 96) + (0 if sym else 0.02)).astype(np.float32)
+    w[rng.integers(0, 64, 96), np.arange(96)] *= 6  # an outlier a column: what the search clips
+    ref = Quantizer(SimpleNamespace(bits=4, sym=sym, mse=2.4))
+    ref.configure(perchannel=True)
+    ref.find_params(torch.from_numpy(w.T.copy()), weight=True)  # torch's [out, in]
+    scale, zero = grid.find_params(jnp.asarray(w), 4, sym, mse=2.4)
+    # torch multiplies by the Python float p unrounded, JAX by p in float32: an ulp apart at most
+    np.testing.assert_allclose(np.asarray(scale), ref.scale.numpy()[:, 0], rtol=2e-7, atol=0)
+    np.testing.assert_array_equal(np.asarray(zero), ref.zero.numpy()[:, 0])
+    full, _ = grid.find_params(jnp.asarray(w), 4, sym)
+    assert np.mean(np.asarray(scale) < np.asarray(full)) > 0.5  # most columns clipped their outlier
+    # and the search lowers RTN's weight error in the norm it minimises
+    err = [(np.abs(grid.rtn(w, group_size=64, sym=sym, mse=m).dequantize() - w) ** 2.4).sum() for m in (0.0, 2.4)]
+    assert err[1] < 0.97 * err[0], err  # sym 0.82, asym 0.955 here

@@ -60,8 +60,9 @@ def test_quantize_with_report_writes_what_plain_recomputation_gives(tmp_path, to
     result = quantize_with_report(model, tok, str(tmp_path), records, opts, source="tiny", log=lines.append)
     assert lines[0] == "quantizing the 7 linears of 2 layers: rtn, 4 bits, group 32, sym"
 
-    want = quantize_model(model, method="rtn", group_size=32)
+    want = quantize_model(model, method="rtn", group_size=32, mse=opts.mse)
     _, written, _ = read_gptq(str(tmp_path))
+    assert opts.mse == 2.4 and written.mse == 2.4  # the default range search, recorded in the checkpoint
     for path, q in want.linears.items():
         np.testing.assert_array_equal(written.linears[path].codes, q.codes, err_msg=path)
 

@@ -34,6 +34,7 @@ def gptq_quantization_config(qm: QuantizedModel) -> dict:
         "static_groups": qm.static_groups,
         "true_sequential": True,
         "damp_percent": qm.percdamp,
+        "mse": qm.mse,
         "lm_head": False,
         "checkpoint_format": "gptq",
         "format": "gptq",
@@ -148,7 +149,7 @@ def read_gptq(path: str):
         linears[linear] = unpack(t, bits=bits, group_size=gs, sym=sym)
     qm = QuantizedModel(linears, qc.get("meta", {}).get("kdjax_method", "gptq"), bits, gs, sym,
                         bool(qc.get("desc_act", False)), bool(qc.get("static_groups", False)),
-                        float(qc.get("damp_percent", 0.01)))
+                        float(qc.get("damp_percent", 0.01)), mse=float(qc.get("mse", 0.0)))
     deq = [(cfg.family.hf_module(p) + ".weight", q.dequantize().T) for p, q in linears.items()]
     return cfg, qm, plain + deq
 

@@ -76,8 +76,9 @@ def _upper_inverse_cholesky(h, percdamp):
     return jax.scipy.linalg.solve_triangular(v, jnp.eye(n, dtype=h.dtype), lower=False)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "desc_act", "static_groups", "blocksize"))
-def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blocksize):
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "desc_act", "static_groups", "blocksize",
+                                             "mse"))
+def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blocksize, mse):
     n, m = w.shape
     dt = w.dtype
     gs = n if group_size == -1 else group_size
@@ -87,7 +88,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blo
     n_pad = -(-n // unit) * unit
 
     # One group over all rows: the reference finds it before zeroing dead rows.
-    s_all, z_all = find_params(w, bits, sym)
+    s_all, z_all = find_params(w, bits, sym, mse)
     s_all, z_all = s_all[None], z_all[None]
 
     diag = jnp.diag(h)
@@ -97,7 +98,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blo
 
     if static_groups and group_size != -1:
         wg = jnp.pad(w, ((0, n_groups * gs - n), (0, 0))).reshape(n_groups, gs, m)
-        s_all, z_all = find_params(wg, bits, sym)
+        s_all, z_all = find_params(wg, bits, sym, mse)
 
     if desc_act:
         perm = jnp.argsort(-jnp.diag(h), stable=True)
@@ -124,12 +125,12 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blo
         w1 = jax.lax.dynamic_slice_in_dim(w, i1, bsz)
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (bsz, bsz))
         if dynamic and gs <= bsz:  # bsz // gs groups start in this block, all from W as it is now
-            s_b, z_b = find_params(w1.reshape(bsz // gs, gs, m), bits, sym)
+            s_b, z_b = find_params(w1.reshape(bsz // gs, gs, m), bits, sym, mse)
             idx = i1 // gs + jnp.arange(bsz // gs)  # groups past the end (padding) are dropped
             s_all = s_all.at[idx].set(s_b, mode="drop")
             z_all = z_all.at[idx].set(z_b, mode="drop")
         elif dynamic:  # a group spans several blocks: found when its first block starts
-            s_b, z_b = find_params(jax.lax.dynamic_slice_in_dim(w, i1, gs), bits, sym)
+            s_b, z_b = find_params(jax.lax.dynamic_slice_in_dim(w, i1, gs), bits, sym, mse)
             g = jnp.minimum(i1 // gs, n_groups - 1)
             start = i1 % gs == 0
             s_all = s_all.at[g].set(jnp.where(start, s_b, s_all[g]))
@@ -162,12 +163,13 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, desc_act, static_groups, blo
 
 def gptq_layer(kernel, hessian, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                desc_act: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-               blocksize: int = 128, max_damp: float = 1.0) -> QuantizedLinear:
+               blocksize: int = 128, max_damp: float = 1.0, mse: float = 0.0) -> QuantizedLinear:
     """GPTQ-quantizes kernel [in, out] given the input Hessian [in, in] (see `hessian_finalize`).
 
     Computes in the kernel's float dtype (float32, or float64 under `jax.enable_x64`). If the
     damped Hessian is not positive definite, percdamp grows by 0.01 (as gptqmodel's
     damp_auto_increment) up to `max_damp`, then a ValueError asks for more calibration data.
+    mse > 0: each group's range is searched as gptqmodel's `mse` option does (grid.find_params).
     """
     check_bits(bits)
     w = jnp.asarray(kernel)
@@ -184,7 +186,7 @@ def gptq_layer(kernel, hessian, *, bits: int = 4, group_size: int = 128, sym: bo
     damp = percdamp
     while True:
         codes, s, z, g_idx, ok = _gptq(w, h, jnp.asarray(damp, w.dtype), bits=bits, group_size=group_size, sym=sym,
-                                       desc_act=desc_act, static_groups=static_groups, blocksize=blocksize)
+                                       desc_act=desc_act, static_groups=static_groups, blocksize=blocksize, mse=float(mse))
         if bool(ok):
             break
         damp = round(damp + 0.01, 6)

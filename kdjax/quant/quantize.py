@@ -45,6 +45,7 @@ class QuantizedModel:
     percdamp: float = 0.01
     calib_tokens: int = 0
     seconds: float = 0.0
+    mse: float = 0.0  # the range search of grid.find_params (0: the full range)
 
     def nbytes(self) -> int:
         """Bytes of the packed int4 tensors (qweight + qzeros + scales + g_idx)."""
@@ -128,11 +129,12 @@ def _positions_and_mask(attention_mask):
 def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int = 4, group_size: int = 128,
                    sym: bool = True, desc_act: bool = False, static_groups: bool = False,
                    percdamp: float = 0.01, blocksize: int = 128, attention_mask=None,
-                   batch_size: int = 8) -> QuantizedModel:
+                   batch_size: int = 8, mse: float = 0.0) -> QuantizedModel:
     """Quantizes q/k/v/o/gate/up/down of every decoder layer of `model` (a kdjax CausalLM).
 
     calib_input_ids: [N, T] int token ids (GPTQ only; padding marked 0 in attention_mask [N, T]
-    is left out of the Hessians). Runs calibration `batch_size` rows at a time.
+    is left out of the Hessians). Runs calibration `batch_size` rows at a time. mse > 0 searches
+    each group's range (grid.find_params, gptqmodel's `mse`; 2.4 is what it suggests).
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method={method!r}; expected one of {METHODS}")
@@ -140,10 +142,10 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
     t0 = time.time()
     paths = model_linear_paths(model)
     check_group_size(model, group_size)
-    kw = dict(bits=bits, group_size=group_size, sym=sym)
+    kw = dict(bits=bits, group_size=group_size, sym=sym, mse=mse)
     if method == "rtn":
         linears = {p: rtn(get_linear(model, p).kernel[...], **kw) for p in paths}
-        return QuantizedModel(linears, method, bits, group_size, sym, False, False, percdamp, 0, time.time() - t0)
+        return QuantizedModel(linears, method, bits, group_size, sym, False, False, percdamp, 0, time.time() - t0, mse)
 
     if calib_input_ids is None:
         raise ValueError("quantize_model: method='gptq' needs calib_input_ids [N, T] (calibration token ids)")
@@ -181,4 +183,4 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
         for path, k in originals.items():
             get_linear(model, path).kernel.set_value(k)
     return QuantizedModel(linears, method, bits, group_size, sym, desc_act, static_groups, percdamp,
-                          int(am.sum()), time.time() - t0)
+                          int(am.sum()), time.time() - t0, mse)

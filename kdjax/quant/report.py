@@ -44,6 +44,7 @@ class QuantizeOptions:
     sym: bool = True  # symmetric grid (zero point fixed at 2**(bits-1)); False fits a zero per group
     desc_act: bool = True  # GPTQ act-order (without it GPTQ turned SmolLM2's code answers into prose)
     damp_percent: float = 0.01  # GPTQ dampening: this fraction of the mean Hessian diagonal is added
+    mse: float = 2.4  # each group's range searched for the least sum |error|**mse (gptqmodel's `mse`; 0: off)
     calib_samples: int = 128  # calibration rows (GPTQ), from the train split
     calib_length: int = 256  # tokens per calibration row
     template: str = _DATA.template  # prompt template of the rows
@@ -74,6 +75,8 @@ class QuantizeOptions:
         if not 0 <= self.rouge_samples <= self.eval_samples:
             bad("rouge_samples", f"expected 0 .. {prefix}eval_samples={self.eval_samples} (Rouge-L is scored on "
                                  f"held-out prompts)")
+        if self.mse < 0:
+            bad("mse", "expected 0 (the full range) or a positive norm (gptqmodel suggests 2.4)")
         if self.float_dtype not in ("float16", "bfloat16", "float32"):
             bad("float_dtype", "expected float16, bfloat16 or float32")
 
@@ -222,7 +225,7 @@ def quantize_with_report(model, tokenizer: Any, out: str, records: Sequence[data
                                 template=o.template)
         log(f"calibration: {calib.shape[0]} rows x {calib.shape[1]} tokens from the {len(train)} train records")
     qm = quantize_model(model, calib, method=o.method, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                        desc_act=o.desc_act, percdamp=o.damp_percent, batch_size=o.batch_size)
+                        desc_act=o.desc_act, percdamp=o.damp_percent, batch_size=o.batch_size, mse=o.mse)
     save_gptq(model, qm, out, tokenizer=tokenizer, dtype=o.float_dtype)
     log(f"wrote {out} (GPTQ checkpoint; {qm.method} took {qm.seconds:.1f} s)")
     sizes = model_sizes(model, qm, out, o.float_dtype)
@@ -237,7 +240,7 @@ def quantize_with_report(model, tokenizer: Any, out: str, records: Sequence[data
             log(f"{tag} example ({sample['source']}): {sample['generation'][:200]!r}")
     if o.report:
         result = {"source": source, "out": out, "method": qm.method, "bits": qm.bits, "group_size": qm.group_size, "sym": qm.sym,
-                  "desc_act": qm.desc_act, "damp_percent": qm.percdamp, "calib_tokens": qm.calib_tokens,
+                  "desc_act": qm.desc_act, "damp_percent": qm.percdamp, "mse": qm.mse, "calib_tokens": qm.calib_tokens,
                   "quantize_seconds": qm.seconds, "sizes": sizes, "float": before, "int4": after}
         with open(os.path.join(out, REPORT + ".md"), "w", encoding="utf-8") as f:
             f.write(table)

@@ -71,6 +71,8 @@ def check_config(cfg):
     for name in ("calib_samples", "calib_length"):
         if q[name] < 1:
             raise ConfigError(f"quant.{name}", f"={q[name]}: must be >= 1")
+    if q.mse < 0:
+        raise ConfigError("quant.mse", f"={q.mse}: expected 0 (the full range) or a positive norm (2.4: gptqmodel's)")
     if q.float_dtype not in FLOAT_DTYPES:
         raise ConfigError("quant.float_dtype", f"={q.float_dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     if cfg.train.weight_decay:
@@ -112,9 +114,10 @@ def int4_start(cfg, model, tokenizer, train_records, path: str, *, method: str |
                                 template=cfg.data.template)
     act = ", act-order" if q.desc_act and method == "gptq" else ""
     log(f"int4 start: {method}, {q.bits} bits, group {q.group_size}, {'sym' if q.sym else 'asym'}{act}"
+        + (f", range search (mse {q.mse})" if q.mse else "")
         + (f", {calib.shape[0]} x {calib.shape[1]} calibration tokens" if calib is not None else ""))
     qm = quantize_model(model, calib, method=method, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                        desc_act=q.desc_act, percdamp=q.damp_percent, batch_size=cfg.eval.batch_size)
+                        desc_act=q.desc_act, percdamp=q.damp_percent, batch_size=cfg.eval.batch_size, mse=q.mse)
     save_gptq(model, qm, path, tokenizer=tokenizer, dtype=q.float_dtype)
     log(f"int4 start: {method} took {qm.seconds:.0f} s -> {path}")
     return qm
@@ -207,7 +210,7 @@ class QADTask:
         return model, fake_quant.quantized_model(
             parts["u"], fake_quant.map_linears(jnp.exp, parts["log_scale"]), parts["zero"], parts["g_idx"],
             bits=qm.bits, group_size=qm.group_size, sym=qm.sym, desc_act=qm.desc_act, method="qad",
-            static_groups=qm.static_groups, percdamp=qm.percdamp, calib_tokens=qm.calib_tokens,
+            static_groups=qm.static_groups, percdamp=qm.percdamp, calib_tokens=qm.calib_tokens, mse=qm.mse,
             seconds=qm.seconds + seconds)
 
 
