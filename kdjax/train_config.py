@@ -162,7 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.sym = True  # symmetric grid (zero point 2**(bits-1)); False: a zero point per group
     c.quant.desc_act = True  # GPTQ act-order (groups follow the Hessian's diagonal, g_idx in the checkpoint)
     c.quant.damp_percent = 0.01  # GPTQ dampening, a fraction of the mean Hessian diagonal
-    c.quant.mse = 2.4  # RTN/GPTQ range search, as gptqmodel's `mse` (0: the full range; docs/quantization.md)
+    c.quant.mse = -1.0  # range search, gptqmodel's `mse`: -1 = 2.4 for GPTQ, 0 for RTN; 0 = off (docs/quantization.md)
     c.quant.calib_samples = 128  # GPTQ calibration rows from the train split
     c.quant.calib_length = 256  # tokens per calibration row
     c.quant.train_weights = True  # the latent weights learn, in grid coordinates: their codes move

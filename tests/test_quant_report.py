@@ -60,9 +60,9 @@ def test_quantize_with_report_writes_what_plain_recomputation_gives(tmp_path, to
     result = quantize_with_report(model, tok, str(tmp_path), records, opts, source="tiny", log=lines.append)
     assert lines[0] == "quantizing the 7 linears of 2 layers: rtn, 4 bits, group 32, sym"
 
-    want = quantize_model(model, method="rtn", group_size=32, mse=opts.mse)
+    want = quantize_model(model, method="rtn", group_size=32)
     _, written, _ = read_gptq(str(tmp_path))
-    assert opts.mse == 2.4 and written.mse == 2.4  # the default range search, recorded in the checkpoint
+    assert written.mse == 0.0  # RTN's default: no range search (GPTQ's is 2.4: test_quant_cli.py)
     for path, q in want.linears.items():
         np.testing.assert_array_equal(written.linears[path].codes, q.codes, err_msg=path)
 
@@ -97,6 +97,8 @@ def test_quantize_with_report_writes_what_plain_recomputation_gives(tmp_path, to
 def test_bad_options_and_inputs_name_the_option(tok, records, model):
     with pytest.raises(ValueError, match=r"^--bits=3: GPTQ packing supports \(2, 4, 8\)"):
         QuantizeOptions(bits=3).check(prefix="--")
+    with pytest.raises(ValueError, match=r"^--mse=-2.0: expected -1 \(2.4 for GPTQ, 0 for RTN\)"):
+        QuantizeOptions(mse=-2.0).check(prefix="--")
     with pytest.raises(ValueError, match=r"^rouge_samples=5: expected 0 \.\. eval_samples=2"):
         QuantizeOptions(eval_samples=2, rouge_samples=5).check()
     with pytest.raises(ValueError, match=r"^--eval_samples=0: must be >= 0, and >= 1 for the report"):

@@ -30,8 +30,9 @@ flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input rows 
 flags.DEFINE_float("damp_percent", _D.damp_percent, "GPTQ dampening: this fraction of the mean Hessian diagonal is "
                    "added")
 flags.DEFINE_float("mse", _D.mse, "search each group's range p * [min, max] (p = 1 .. 0.21) for the least sum of "
-                   "|error|**mse, as gptqmodel's mse option; 0 keeps the full range (SmolLM2, GPTQ group 64: "
-                   "perplexity +9.5% at 0, +5.7% at 2.4, docs/quantization.md)")
+                   "|error|**mse, as gptqmodel's mse option; 0 keeps the full range; -1: 2.4 for gptq, 0 for rtn "
+                   "(SmolLM2 GPTQ g64: perplexity +9.5% at 0, +5.7% at 2.4; the search made RTN worse, "
+                   "docs/quantization.md)")
 flags.DEFINE_string("calib_data", None, "calibration / held-out records: a local .jsonl/.json/.parquet file (or a "
                     "hub dataset name) read with --calib_layout; default: --stdlib_pairs docstring -> code pairs")
 flags.DEFINE_string("calib_layout", "records", "layout of --calib_data, one of kdjax.data.LAYOUTS "

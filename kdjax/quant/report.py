@@ -26,7 +26,7 @@ from kdjax import data
 from kdjax.quant.calibration import calibration_ids
 from kdjax.quant.export_gptq import load_gptq, save_gptq
 from kdjax.quant.grid import SUPPORTED_BITS
-from kdjax.quant.quantize import METHODS, QuantizedModel, check_group_size, quantize_model
+from kdjax.quant.quantize import AUTO_MSE, METHODS, QuantizedModel, check_group_size, quantize_model, range_search
 from kdjax.train_config import get_config
 
 REPORT = "quantize_report"  # out/quantize_report.md and .json
@@ -44,7 +44,8 @@ class QuantizeOptions:
     sym: bool = True  # symmetric grid (zero point fixed at 2**(bits-1)); False fits a zero per group
     desc_act: bool = True  # GPTQ act-order (without it GPTQ turned SmolLM2's code answers into prose)
     damp_percent: float = 0.01  # GPTQ dampening: this fraction of the mean Hessian diagonal is added
-    mse: float = 2.4  # each group's range searched for the least sum |error|**mse (gptqmodel's `mse`; 0: off)
+    mse: float = -1.0  # each group's range searched for the least sum |error|**mse (gptqmodel's `mse`; 0: off;
+    # -1: 2.4 for GPTQ, 0 for RTN, quantize.range_search)
     calib_samples: int = 128  # calibration rows (GPTQ), from the train split
     calib_length: int = 256  # tokens per calibration row
     template: str = _DATA.template  # prompt template of the rows
@@ -75,8 +76,8 @@ class QuantizeOptions:
         if not 0 <= self.rouge_samples <= self.eval_samples:
             bad("rouge_samples", f"expected 0 .. {prefix}eval_samples={self.eval_samples} (Rouge-L is scored on "
                                  f"held-out prompts)")
-        if self.mse < 0:
-            bad("mse", "expected 0 (the full range) or a positive norm (gptqmodel suggests 2.4)")
+        if self.mse < 0 and self.mse != AUTO_MSE:
+            bad("mse", f"expected {AUTO_MSE:g} (2.4 for GPTQ, 0 for RTN), 0 (the full range) or a positive norm")
         if self.float_dtype not in ("float16", "bfloat16", "float32"):
             bad("float_dtype", "expected float16, bfloat16 or float32")
 
@@ -225,7 +226,8 @@ def quantize_with_report(model, tokenizer: Any, out: str, records: Sequence[data
                                 template=o.template)
         log(f"calibration: {calib.shape[0]} rows x {calib.shape[1]} tokens from the {len(train)} train records")
     qm = quantize_model(model, calib, method=o.method, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                        desc_act=o.desc_act, percdamp=o.damp_percent, batch_size=o.batch_size, mse=o.mse)
+                        desc_act=o.desc_act, percdamp=o.damp_percent, batch_size=o.batch_size,
+                        mse=range_search(o.mse, o.method))
     save_gptq(model, qm, out, tokenizer=tokenizer, dtype=o.float_dtype)
     log(f"wrote {out} (GPTQ checkpoint; {qm.method} took {qm.seconds:.1f} s)")
     sizes = model_sizes(model, qm, out, o.float_dtype)

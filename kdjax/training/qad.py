@@ -42,7 +42,8 @@ from kdjax.quant import fake_quant
 from kdjax.quant.calibration import calibration_ids
 from kdjax.quant.export_gptq import read_gptq, save_gptq
 from kdjax.quant.grid import SUPPORTED_BITS
-from kdjax.quant.quantize import METHODS, QuantizedModel, check_group_size, get_linear, quantize_model
+from kdjax.quant.quantize import (AUTO_MSE, METHODS, QuantizedModel, check_group_size, get_linear, quantize_model,
+                                  range_search)
 from kdjax.training import distill
 from kdjax.training.loop import fit, resolve_steps
 from kdjax.training.models import load_frozen, load_trained, shared_vocab
@@ -71,8 +72,9 @@ def check_config(cfg):
     for name in ("calib_samples", "calib_length"):
         if q[name] < 1:
             raise ConfigError(f"quant.{name}", f"={q[name]}: must be >= 1")
-    if q.mse < 0:
-        raise ConfigError("quant.mse", f"={q.mse}: expected 0 (the full range) or a positive norm (2.4: gptqmodel's)")
+    if q.mse < 0 and q.mse != AUTO_MSE:
+        raise ConfigError("quant.mse", f"={q.mse}: expected {AUTO_MSE:g} (2.4 for GPTQ, 0 for RTN), 0 (the full "
+                                       f"range) or a positive norm")
     if q.float_dtype not in FLOAT_DTYPES:
         raise ConfigError("quant.float_dtype", f"={q.float_dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     if cfg.train.weight_decay:
@@ -100,6 +102,7 @@ def int4_start(cfg, model, tokenizer, train_records, path: str, *, method: str |
     on quant.calib_samples rows of `train_records`; written to `path` as a GPTQ checkpoint. With
     cfg.resume, the checkpoint an earlier run wrote there is read back instead."""
     q, method = cfg.quant, method or cfg.quant.start
+    mse = range_search(q.mse, method)
     if cfg.resume and os.path.exists(os.path.join(path, "config.json")):
         qm = read_gptq(path)[1]
         log(f"int4 start: {path} (written by the interrupted run)")
@@ -114,10 +117,10 @@ def int4_start(cfg, model, tokenizer, train_records, path: str, *, method: str |
                                 template=cfg.data.template)
     act = ", act-order" if q.desc_act and method == "gptq" else ""
     log(f"int4 start: {method}, {q.bits} bits, group {q.group_size}, {'sym' if q.sym else 'asym'}{act}"
-        + (f", range search (mse {q.mse})" if q.mse else "")
+        + (f", range search (mse {mse:g})" if mse else "")
         + (f", {calib.shape[0]} x {calib.shape[1]} calibration tokens" if calib is not None else ""))
     qm = quantize_model(model, calib, method=method, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                        desc_act=q.desc_act, percdamp=q.damp_percent, batch_size=cfg.eval.batch_size, mse=q.mse)
+                        desc_act=q.desc_act, percdamp=q.damp_percent, batch_size=cfg.eval.batch_size, mse=mse)
     save_gptq(model, qm, path, tokenizer=tokenizer, dtype=q.float_dtype)
     log(f"int4 start: {method} took {qm.seconds:.0f} s -> {path}")
     return qm
