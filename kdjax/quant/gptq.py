@@ -186,7 +186,8 @@ def gptq_layer(kernel, hessian, *, bits: int = 4, group_size: int = 128, sym: bo
     damp = percdamp
     while True:
         codes, s, z, g_idx, ok = _gptq(w, h, jnp.asarray(damp, w.dtype), bits=bits, group_size=group_size, sym=sym,
-                                       desc_act=desc_act, static_groups=static_groups, blocksize=blocksize, mse=float(mse))
+                                       desc_act=desc_act, static_groups=static_groups, blocksize=blocksize,
+                                       mse=float(mse))
         if bool(ok):
             break
         damp = round(damp + 0.01, 6)

@@ -154,7 +154,8 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
     kw = dict(bits=bits, group_size=group_size, sym=sym, mse=mse)
     if method == "rtn":
         linears = {p: rtn(get_linear(model, p).kernel[...], **kw) for p in paths}
-        return QuantizedModel(linears, method, bits, group_size, sym, False, False, percdamp, 0, time.time() - t0, mse)
+        return QuantizedModel(linears, method, bits, group_size, sym, False, False, percdamp, 0, time.time() - t0,
+                              mse=mse)
 
     if calib_input_ids is None:
         raise ValueError("quantize_model: method='gptq' needs calib_input_ids [N, T] (calibration token ids)")
@@ -192,4 +193,4 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
         for path, k in originals.items():
             get_linear(model, path).kernel.set_value(k)
     return QuantizedModel(linears, method, bits, group_size, sym, desc_act, static_groups, percdamp,
-                          int(am.sum()), time.time() - t0, mse)
+                          int(am.sum()), time.time() - t0, mse=mse)
