@@ -216,7 +216,11 @@ def test_qad_config_errors(setup, tmp_path):
                            r"--config.quant.train_weights=False with"),
                           ({"quant.teacher": "big"}, r"--config.quant.teacher='big'"),
                           ({"train.select_best": "val_loss"}, r"QAD keeps its last step"),
-                          ({"train.weight_decay": 0.01}, r"--config.train.weight_decay=0.01: QAD trains grid")]:
+                          ({"train.weight_decay": 0.01}, r"--config.train.weight_decay=0.01: QAD trains grid"),
+                          ({"quant.bits": 3}, r"--config.quant.bits=3: GPTQ packing supports \(2, 4, 8\)"),
+                          ({"quant.group_size": 0}, r"--config.quant.group_size=0: expected a positive size or -1"),
+                          ({"quant.mse": -2.0}, r"--config.quant.mse=-2.0: expected -1 \(2.4 for GPTQ, 0 for RTN\)"),
+                          ({"quant.float_dtype": "int8"}, r"--config.quant.float_dtype='int8': expected one of float16")]:
         with pytest.raises(ConfigError, match=match):
             qad.check_config(config(setup, tmp_path, **fields))
     with pytest.raises(UserError, match=r"--config.quant.group_size=48 does not divide .* use --config.quant.group_size=32"):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.families import DECODER_LINEAR_SETS
-from kdjax.quant.grid import QuantizedLinear, check_bits, rtn
+from kdjax.quant.grid import SUPPORTED_BITS, QuantizedLinear, check_bits, rtn
 from kdjax.quant.gptq import gptq_layer, hessian_finalize, hessian_init, hessian_update
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,23 @@ def _positions_and_mask(attention_mask):
 
 
 AUTO_MSE = -1.0  # the range search's default: 2.4 for GPTQ, none for RTN (docs/quantization.md)
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # what a GPTQ checkpoint stores its float parameters in
+
+
+def grid_problem(bits: int, group_size: int, mse: float, float_dtype: str) -> tuple[str, str] | None:
+    """The first bad setting of an int4 grid and its checkpoint as (field, why), or None: what
+    `kdjax quantize` and QAD both check, each naming the field by its own flag."""
+    if bits not in SUPPORTED_BITS:
+        return "bits", f"GPTQ packing supports {SUPPORTED_BITS}"
+    if group_size != -1 and group_size < 1:
+        return "group_size", "expected a positive size or -1 (one group)"
+    if mse < 0 and mse != AUTO_MSE:
+        return "mse", f"expected {AUTO_MSE:g} (2.4 for GPTQ, 0 for RTN), 0 (the full range) or a positive norm"
+    if float_dtype not in FLOAT_DTYPES:
+        return "float_dtype", f"expected one of {', '.join(FLOAT_DTYPES)}"
+    return None
 
 
 def range_search(mse: float, method: str) -> float:

@@ -25,8 +25,7 @@ import numpy as np
 from kdjax import data
 from kdjax.quant.calibration import calibration_ids
 from kdjax.quant.export_gptq import load_gptq, save_gptq
-from kdjax.quant.grid import SUPPORTED_BITS
-from kdjax.quant.quantize import AUTO_MSE, METHODS, QuantizedModel, check_group_size, quantize_model, range_search
+from kdjax.quant.quantize import METHODS, QuantizedModel, check_group_size, grid_problem, quantize_model, range_search
 from kdjax.train_config import get_config
 
 REPORT = "quantize_report"  # out/quantize_report.md and .json
@@ -64,10 +63,9 @@ class QuantizeOptions:
             raise ValueError(f"{prefix}{field}={getattr(self, field)}: {why}")
         if self.method not in METHODS:
             bad("method", f"expected one of {METHODS}")
-        if self.bits not in SUPPORTED_BITS:
-            bad("bits", f"GPTQ packing supports {SUPPORTED_BITS}")
-        if self.group_size != -1 and self.group_size < 1:
-            bad("group_size", "expected a positive size or -1 (one group)")
+        problem = grid_problem(self.bits, self.group_size, self.mse, self.float_dtype)
+        if problem:
+            bad(*problem)
         for field in ("calib_samples", "calib_length", "batch_size", "max_new_tokens", "eval_length"):
             if getattr(self, field) < 1:
                 bad(field, "must be >= 1")
@@ -76,10 +74,6 @@ class QuantizeOptions:
         if not 0 <= self.rouge_samples <= self.eval_samples:
             bad("rouge_samples", f"expected 0 .. {prefix}eval_samples={self.eval_samples} (Rouge-L is scored on "
                                  f"held-out prompts)")
-        if self.mse < 0 and self.mse != AUTO_MSE:
-            bad("mse", f"expected {AUTO_MSE:g} (2.4 for GPTQ, 0 for RTN), 0 (the full range) or a positive norm")
-        if self.float_dtype not in ("float16", "bfloat16", "float32"):
-            bad("float_dtype", "expected float16, bfloat16 or float32")
 
     @property
     def needs_data(self) -> bool:

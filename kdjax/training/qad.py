@@ -41,8 +41,7 @@ from kdjax.errors import ConfigError, UserError
 from kdjax.quant import fake_quant
 from kdjax.quant.calibration import calibration_ids
 from kdjax.quant.export_gptq import read_gptq, save_gptq
-from kdjax.quant.grid import SUPPORTED_BITS
-from kdjax.quant.quantize import (AUTO_MSE, METHODS, QuantizedModel, check_group_size, get_linear, quantize_model,
+from kdjax.quant.quantize import (METHODS, QuantizedModel, check_group_size, get_linear, grid_problem, quantize_model,
                                   range_search)
 from kdjax.training import distill
 from kdjax.training.loop import fit, resolve_steps
@@ -51,7 +50,6 @@ from kdjax.training.rundir import RunDir
 
 START, INT4 = "start", "int4"  # out_dir/start: the int4 start; out_dir/int4: the result (GPTQ checkpoints)
 TEACHERS = ("self", "teacher")
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def check_config(cfg):
@@ -59,10 +57,10 @@ def check_config(cfg):
     q = cfg.quant
     if q.start not in METHODS:
         raise ConfigError("quant.start", f"={q.start!r}: expected one of {', '.join(METHODS)}")
-    if q.bits not in SUPPORTED_BITS:
-        raise ConfigError("quant.bits", f"={q.bits}: GPTQ packing supports {SUPPORTED_BITS}")
-    if q.group_size != -1 and q.group_size < 1:
-        raise ConfigError("quant.group_size", f"={q.group_size}: expected a positive size or -1 (one group)")
+    problem = grid_problem(q.bits, q.group_size, q.mse, q.float_dtype)
+    if problem:
+        field, why = problem
+        raise ConfigError(f"quant.{field}", f"={q[field]!r}: {why}")
     if q.teacher not in TEACHERS:
         raise ConfigError("quant.teacher", f"={q.teacher!r}: expected 'self' (the float model being quantized "
                                            f"teaches) or 'teacher' (the model `teacher` names)")
@@ -72,11 +70,6 @@ def check_config(cfg):
     for name in ("calib_samples", "calib_length"):
         if q[name] < 1:
             raise ConfigError(f"quant.{name}", f"={q[name]}: must be >= 1")
-    if q.mse < 0 and q.mse != AUTO_MSE:
-        raise ConfigError("quant.mse", f"={q.mse}: expected {AUTO_MSE:g} (2.4 for GPTQ, 0 for RTN), 0 (the full "
-                                       f"range) or a positive norm")
-    if q.float_dtype not in FLOAT_DTYPES:
-        raise ConfigError("quant.float_dtype", f"={q.float_dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     if cfg.train.weight_decay:
         raise ConfigError("train.weight_decay", f"={cfg.train.weight_decay}: QAD trains grid coordinates and log-scales, "
                                                 f"which decay would pull to the zero point and to scale 1; set 0")
