@@ -13,8 +13,7 @@ Row convention (what the trainer and the losses read), all [N, T]:
   input_ids   int32  token ids; padding holds `pad_id`
   targets     int32  the next token: targets[t] = input_ids[t + 1] of the same sequence, else pad_id
   loss_mask   float32  1 where targets[t] is a response token (the EOS included), 0 on prompt, padding
-                     and across the boundary of two packed sequences (pack(loss_on="all"): on the
-                     prompt's targets too). logits[:, t] are scored against
+                     and across the boundary of two packed sequences. logits[:, t] are scored against
                      targets[:, t] where loss_mask[:, t] == 1.
   segment_ids int32  1, 2, ... for the sequences packed in a row, 0 on padding (attention must stay
                      inside one segment)
@@ -629,22 +628,15 @@ Rows = dict[str, np.ndarray]
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
-LOSS_ON = ("response", "all")  # which targets a training row's loss_mask holds
-
-
 def pack(examples: Sequence[Example], max_length: int, *, pad_id: int, packing: bool = False,
-         padding: str = "right", loss_on: str = "response") -> Rows:
+         padding: str = "right") -> Rows:
     """Examples -> fixed-length rows [N, max_length] (the keys of the module docstring).
 
     packing=False: one example a row, padded on the `padding` side ("right", or "left" so the
         last prompt token sits at the end, as generation wants).
     packing=True: examples are laid end to end in their given order (next-fit: a new row starts
         when the next example does not fit), each its own segment; padding only at the end.
-    loss_on="response": loss_mask is 1 on the response's targets (the convention above); "all": on
-        every target of the sequence, the prompt's too (a distribution to match everywhere: QAD's).
     """
-    if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
     if padding not in ("right", "left"):
         raise ValueError(f"padding={padding!r}: expected 'right' or 'left'")
     if packing and padding == "left":
@@ -675,21 +667,19 @@ def pack(examples: Sequence[Example], max_length: int, *, pad_id: int, packing: 
             rows["segment_ids"][i, start:end] = seg
             rows["positions"][i, start:end] = np.arange(m)
             # targets[t] = ids[t + 1] is a response token for t + 1 >= len(prompt)
-            first = start if loss_on == "all" else max(start, start + len(ex.prompt_ids) - 1)
-            rows["loss_mask"][i, first:end - 1] = 1.0
+            rows["loss_mask"][i, max(start, start + len(ex.prompt_ids) - 1):end - 1] = 1.0
             start = end
     return rows
 
 
 def make_rows(records: Sequence[Record], tokenizer: Any, *, max_length: int, template: str = "minillm",
               packing: bool = False, padding: str = "right", system: str | None = None,
-              on_long_prompt: str = "error", loss_on: str = "response") -> Rows:
-    """tokenize() then pack(): records -> fixed-length training rows (response-only masks unless
-    loss_on="all")."""
+              on_long_prompt: str = "error") -> Rows:
+    """tokenize() then pack(): records -> fixed-length training rows with response-only masks."""
     pad = pad_id(tokenizer)
     examples = tokenize(records, tokenizer, max_length=max_length, template=template, system=system,
                         on_long_prompt=on_long_prompt)
-    return pack(examples, max_length, pad_id=pad, packing=packing, padding=padding, loss_on=loss_on)
+    return pack(examples, max_length, pad_id=pad, packing=packing, padding=padding)
 
 
 # ---------------------------------------------------------------------------------------------

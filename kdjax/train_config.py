@@ -67,7 +67,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.seed = 1234
     c.data.limit = 0  # use at most this many records (0 = all)
     c.data.packing = False  # pack several sequences a row (each attends only inside its own segment)
-    c.data.loss_on = "response"  # the training rows' loss: on the "response" tokens, or on "all" (the prompt too)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 60

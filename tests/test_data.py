@@ -389,28 +389,6 @@ def test_rows_mask_only_the_response(byte_tokenizer, packing, padding):
     assert rows["loss_mask"].sum() == sum(len(e.response_ids) for e in examples)
 
 
-@pytest.mark.parametrize("packing,padding", [(False, "right"), (False, "left"), (True, "right")])
-def test_rows_with_loss_on_all_mask_every_target_of_each_sequence(byte_tokenizer, packing, padding):
-    T = 400
-    examples = data.tokenize(RECS, byte_tokenizer, max_length=T)
-    response = data.make_rows(RECS, byte_tokenizer, max_length=T, packing=packing, padding=padding)
-    rows = data.make_rows(RECS, byte_tokenizer, max_length=T, packing=packing, padding=padding, loss_on="all")
-    for k in ("input_ids", "targets", "segment_ids", "positions"):  # only the mask changes
-        np.testing.assert_array_equal(rows[k], response[k])
-    seg, mask, targets, ids = rows["segment_ids"], rows["loss_mask"], rows["targets"], rows["input_ids"]
-    got = []
-    for i in range(len(seg)):
-        for s in sorted(set(seg[i]) - {0}):
-            t = np.nonzero(seg[i] == s)[0]
-            assert mask[i, t[-1]] == 0  # the sequence's last token has no target in it
-            got.append([int(targets[i, k]) for k in t if mask[i, k]])
-    assert got == [list(e.prompt_ids + e.response_ids)[1:] for e in examples]  # every next token, once
-    assert mask[seg == 0].sum() == 0 and (response["loss_mask"] <= mask).all()
-    assert mask.sum() == sum(len(e) - 1 for e in examples)
-    with pytest.raises(ValueError, match="loss_on='prompt'"):
-        data.pack(examples, T, pad_id=0, loss_on="prompt")
-
-
 def test_packing_keeps_order_and_segments(byte_tokenizer):
     recs = [Record(f"Q{i}", "A" * (i + 1)) for i in range(12)]
     examples = data.tokenize(recs, byte_tokenizer, max_length=256, template="plain")

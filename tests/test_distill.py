@@ -322,18 +322,3 @@ def test_teacher_answers_train_on_the_teachers_greedy_answers(setup, tmp_path):
         c.kd.answer_share = share
         with pytest.raises(ConfigError, match="kd.answer_share"):
             distill.check_config(c)
-
-
-def test_loss_on_all_scores_the_prompts_of_the_training_rows_only(setup):
-    c = config(setup, "unused", **{"data.loss_on": "all"})
-    splits, tokenizer, rows, _ = distill.prepare(c)
-    response = distill.make_rows(config(setup, "unused").data, splits, tokenizer)
-    train, base = rows["train"], response["train"]
-    real_targets = (train["segment_ids"] > 0) & (train["targets"] != data.pad_id(tokenizer))
-    assert train["loss_mask"].sum() > 1.5 * base["loss_mask"].sum()  # the prompts' tokens too
-    np.testing.assert_array_equal(train["loss_mask"] > 0, real_targets)
-    np.testing.assert_array_equal(rows["valid"]["loss_mask"], response["valid"]["loss_mask"])  # val_loss as before
-    with pytest.raises(ConfigError, match=r"data.loss_on='prompt': expected one of response, all"):
-        distill.check_config(config(setup, "unused", **{"data.loss_on": "prompt"}))
-    with pytest.raises(ConfigError, match=r"data.loss_on='all'.*kd.teacher_answers brings its own responses"):
-        distill.check_config(config(setup, "unused", **{"data.loss_on": "all", "kd.teacher_answers": True}))

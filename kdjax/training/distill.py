@@ -47,12 +47,6 @@ def check_config(cfg):
         raise ConfigError("data.layout", f"={d.layout!r}: expected one of {', '.join(sorted(kdata.LAYOUTS))}")
     if d.max_length < 2:
         raise ConfigError("data.max_length", f"={d.max_length}: must be >= 2")
-    if d.loss_on not in kdata.LOSS_ON:
-        raise ConfigError("data.loss_on", f"={d.loss_on!r}: expected one of {', '.join(kdata.LOSS_ON)}")
-    if d.loss_on != "response" and (cfg.mode not in ("distill", "sft", "qad") or kd.teacher_answers):
-        raise ConfigError("data.loss_on", f"={d.loss_on!r}: the data's rows are what kdjax distill, sft and qad "
-                                          f"train on; {'kd.teacher_answers' if kd.teacher_answers else cfg.mode} "
-                                          f"brings its own responses, trained on alone")
     if kd.divergence not in losses.DIVERGENCES:
         raise ConfigError("kd.divergence", f"={kd.divergence!r}: expected one of {', '.join(losses.DIVERGENCES)}")
     if not 0 <= kd.kd_ratio <= 1:
@@ -106,12 +100,10 @@ def load_splits(dcfg) -> dict[str, list[kdata.Record]]:
 
 
 def make_rows(dcfg, splits, tokenizer, *, packing: bool | None = None) -> dict[str, dict]:
-    """Training and validation rows of the splits ([N, data.max_length]); the training rows' loss
-    on the tokens of data.loss_on, the validation rows' on the responses (val_loss is comparable)."""
+    """Training and validation rows of the splits ([N, data.max_length], response-only masks)."""
     packing = dcfg.packing if packing is None else packing
     rows = {k: kdata.make_rows(v, tokenizer, max_length=dcfg.max_length, template=dcfg.template,
-                               on_long_prompt="skip", packing=packing and k == "train",
-                               loss_on=dcfg.loss_on if k == "train" else "response")
+                               on_long_prompt="skip", packing=packing and k == "train")
             for k, v in splits.items() if k != "test" and v}
     if len(rows.get("train", {}).get("input_ids", ())) == 0:
         raise ConfigError("data.max_length", f"={dcfg.max_length}: no training prompt fits; raise it")

@@ -171,8 +171,7 @@ BUILD_FIELDS = (("top_k", "cache.top_k", lambda c: c.cache.top_k),
                 ("chunk_rows", "cache.chunk_rows", lambda c: c.cache.chunk_rows),
                 ("seed", "cache.seed", lambda c: c.cache.seed if c.cache.samples else 0),
                 ("tail_rank", "cache.tail_rank", lambda c: c.cache.tail_rank))
-DATA_FIELDS = ("data.source", "data.layout", "data.stdlib_pairs", "data.limit", "data.seed", "data.valid", "data.test",
-               "data.loss_on")
+DATA_FIELDS = ("data.source", "data.layout", "data.stdlib_pairs", "data.limit", "data.seed", "data.valid", "data.test")
 
 
 def order_sha256(order: np.ndarray) -> str:
