@@ -19,7 +19,7 @@ from kdjax.quant import fake_quant, grid
 from kdjax.quant.aqt_pass import to_int4_model
 from kdjax.quant.export_gptq import load_gptq, read_gptq
 from kdjax.quant.quantize import quantize_model
-from kdjax.training import qad
+from kdjax.training import distill, qad
 from kdjax.training.run import run
 from helpers import Crash, crash_at, run_kdjax, set_fields
 from test_quant_common import logits, tiny_gptq
@@ -126,7 +126,7 @@ def config(setup, out, mode="qad", **kw):
     c.data.source, c.data.layout = str(setup / "pairs.jsonl"), "records"
     c.data.max_length, c.data.valid, c.data.test = 64, 4, 8
     c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps, c.train.weight_decay = 8, 8, 0.02, 0, 0.0
-    c.quant.train_scales = True  # with the latent weights and the norms
+    c.quant.train_weights = c.quant.train_scales = True  # the tests' QAD trains both
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 0, 4
     c.kd.chunk_size, c.eval.num_samples, c.baseline = 96, 0, False
     c.quant.group_size, c.quant.calib_samples, c.quant.calib_length = 32, 8, 64
@@ -230,6 +230,7 @@ def test_qad_config_errors(setup, tmp_path):
 def test_distill_with_qad_stage_reports_float_gptq_and_qad(setup, tmp_path):
     cfg = config(setup, tmp_path, mode="distill", student_layers="0", **{
         "train.steps": 2, "quant.aware": True, "quant.report": True, "quant.steps": 2, "quant.train_scales": False,
+        "quant.train_weights": True,
         "eval.num_samples": 2, "eval.max_new_tokens": 4, "eval.before": False})
     run(cfg, "distill")
     rep = json.load(open(tmp_path / "report.json"))["results"]
@@ -245,3 +246,26 @@ def test_distill_with_qad_stage_reports_float_gptq_and_qad(setup, tmp_path):
     for path, q in start.linears.items():  # quant.train_scales=False: the start's grid, frozen
         np.testing.assert_array_equal(after.linears[path].scales, q.scales, err_msg=path)
     assert os.path.exists(tmp_path / "qad" / "curves.png")
+
+
+def test_qad_on_the_float_models_own_answers(setup, tmp_path):
+    """kd.teacher_answers in QAD: the rows are the prompts with the float model's greedy answers (what a
+    greedy Rouge-L scores), generated once for the rows the run reads, and the loss is on those answers."""
+    c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 8, "train.steps": 2,
+                                   "eval.batch_size": 16})
+    out = qad.train(c)
+    answers = {int(i): a for i, a in json.load(open(tmp_path / distill.ANSWERS))["answers"].items()}
+    n = len(out["rows"]["train"]["input_ids"])
+    assert set(answers) == {int(i) for s in range(2) for i in data.batch_indices(n, s, batch_size=8, seed=0)}
+    examples = data.tokenize(out["splits"]["train"], out["tokenizer"], max_length=64, template=c.data.template,
+                             on_long_prompt="skip")
+    c.resume = True
+    rows = distill.AnswerBatches(c, out["rows"]["train"], examples, out["tokenizer"], None,
+                                 str(tmp_path / distill.ANSWERS))(0).arrays
+    first = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    ids, mask = jnp.asarray(rows["input_ids"]), jnp.asarray(rows["loss_mask"]) > 0
+    assert int(mask.sum()) == sum(len(answers[int(i)]) for i in data.batch_indices(n, 0, batch_size=8, seed=0))
+    # step 1's loss: the start's int4 model against the float model on step 0's answer rows
+    start = load_gptq(str(tmp_path / qad.START))[0]
+    want = float(losses.forward_kl(logits(start, ids), logits(kdjax.load(str(setup / "model"))[0], ids), mask))
+    assert first["step"] == 1 and first["kd_loss"] == pytest.approx(want, rel=2e-3)

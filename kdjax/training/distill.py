@@ -68,9 +68,9 @@ def check_config(cfg):
         raise ConfigError("kd.teacher_cache", f"={kd.teacher_cache!r}: `kdjax {cfg.mode}` scores the student's own "
                                               f"samples, which no cache holds; the cache is for kdjax distill")
     if kd.teacher_answers:
-        if cfg.mode not in ("distill", "sft"):
+        if cfg.mode not in ("distill", "sft", "qad"):
             raise ConfigError("kd.teacher_answers", f"=True: `kdjax {cfg.mode}` brings its own responses; the "
-                                                    f"teacher's answers are for kdjax distill")
+                                                    f"teacher's answers are for kdjax distill and qad")
         if kd.teacher_cache:
             raise ConfigError("kd.teacher_answers", "=True with kd.teacher_cache: the cache holds the teacher on the "
                                                     "data's responses, not on its own answers; drop one")
@@ -206,6 +206,15 @@ class AnswerBatches(RowBatches):
         return Batch(rows, tokens=rows["input_ids"].size)
 
 
+def answer_batches(cfg, splits, rows, tokenizer, teacher) -> AnswerBatches | None:
+    """The teacher's answers as the run's batches (kd.teacher_answers), kept in out_dir; else None."""
+    if teacher is None or not cfg.kd.teacher_answers:
+        return None
+    examples = kdata.tokenize(splits["train"], tokenizer, max_length=cfg.data.max_length, template=cfg.data.template,
+                              on_long_prompt="skip")
+    return AnswerBatches(cfg, rows["train"], examples, tokenizer, teacher, os.path.join(cfg.out_dir, ANSWERS))
+
+
 def token_totals(rows) -> dict:
     """The KD / SFT normalisers: response tokens of the whole batch; all its tokens (the hidden-state
     loss's)."""
@@ -338,12 +347,7 @@ def train(cfg, *, overwrite: bool = False) -> dict:
             teacher = load_frozen(cfg.teacher, cfg, mesh)[0]
             model = load_student(cfg, teacher, tokenizer, mesh)
         evaluate = validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
-        batches = None
-        if teacher is not None and cfg.kd.teacher_answers:
-            examples = kdata.tokenize(splits["train"], tokenizer, max_length=cfg.data.max_length,
-                                      template=cfg.data.template, on_long_prompt="skip")
-            batches = AnswerBatches(cfg, rows["train"], examples, tokenizer, teacher,
-                                    os.path.join(cfg.out_dir, ANSWERS))
+        batches = answer_batches(cfg, splits, rows, tokenizer, teacher)
         result = fit(cfg, kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate, batches, cache), run)
     finally:
         run.close()

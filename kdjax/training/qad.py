@@ -210,11 +210,13 @@ class QADTask:
             seconds=qm.seconds + seconds)
 
 
-def qad_task(cfg, model, teacher, tokenizer, mesh, rows, qm: QuantizedModel, evaluate=None) -> QADTask:
+def qad_task(cfg, model, teacher, tokenizer, mesh, rows, qm: QuantizedModel, evaluate=None,
+             batches=None) -> QADTask:
     """QAD of `model` (float, on `mesh`) from `teacher`, starting from the int4 layers `qm`, as
-    the loop runs it: KD's Task (distill.kd_task) with the fake-quantized student inside its loss."""
+    the loop runs it: KD's Task (distill.kd_task) with the fake-quantized student inside its loss;
+    `batches` replaces the data rows (the teacher's answers)."""
     q = cfg.quant
-    kd = distill.kd_task(cfg, model, teacher, tokenizer, mesh, rows)
+    kd = distill.kd_task(cfg, model, teacher, tokenizer, mesh, rows, batches=batches)
     trees = fake_quant.grid_trees(qm, {p: get_linear(model, p).kernel[...] for p in qm.linears})
     trees["log_scale"] = fake_quant.map_linears(jnp.log, trees.pop("scale"))
     trees["norms"], latent = split_norms(nnx.to_pure_dict(nnx.state(model)))
@@ -254,7 +256,8 @@ def train(cfg, *, overwrite: bool = False) -> dict:
         shared_vocab(model, teacher, tokenizer)
         qm = int4_start(cfg, model, tokenizer, splits["train"], os.path.join(cfg.out_dir, START))
         evaluate = distill.validation(cfg, tokenizer, splits, rows) if cfg.train.eval_every else None
-        qt = qad_task(cfg, model, teacher, tokenizer, mesh, rows, qm, evaluate)
+        batches = distill.answer_batches(cfg, splits, rows, tokenizer, teacher)  # kd.teacher_answers
+        qt = qad_task(cfg, model, teacher, tokenizer, mesh, rows, qm, evaluate, batches)
         t0 = time.time()
         result = fit(cfg, qt.task, run)
         model, out = qt.export(result["model"], seconds=time.time() - t0, float_dtype=cfg.quant.float_dtype)
