@@ -3,8 +3,9 @@ fields are declared) set for quantization-aware distillation.
 
 With no flags: SmolLM2-135M-Instruct (from pip), 4 bits in groups of 64, GPTQ with act-order as the
 start, learns its scales on its int4 grid from its own float original on docstring -> code pairs
-from the Python standard library (half of each step's rows with the float model's own answers), on CPU; the report compares the float model, GPTQ and QAD on the held-out
-split (docs/quantization.md has what it gave).
+from the Python standard library (half of each step's rows with the float model's own answers), on
+CPU; the report compares the float model, GPTQ and QAD on the held-out split (docs/quantization.md
+has what it gave).
 """
 import ml_collections
 
