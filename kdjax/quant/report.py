@@ -25,7 +25,8 @@ import numpy as np
 from kdjax import data
 from kdjax.quant.calibration import calibration_ids
 from kdjax.quant.export_gptq import load_gptq, save_gptq
-from kdjax.quant.quantize import METHODS, QuantizedModel, check_group_size, grid_problem, quantize_model, range_search
+from kdjax.quant.quantize import (AUTO_MSE, METHODS, QuantizedModel, check_group_size, grid_problem, quantize_model,
+                                  range_search)
 from kdjax.train_config import get_config
 
 REPORT = "quantize_report"  # out/quantize_report.md and .json
@@ -43,8 +44,8 @@ class QuantizeOptions:
     sym: bool = True  # symmetric grid (zero point fixed at 2**(bits-1)); False fits a zero per group
     desc_act: bool = True  # GPTQ act-order (without it GPTQ turned SmolLM2's code answers into prose)
     damp_percent: float = 0.01  # GPTQ dampening: this fraction of the mean Hessian diagonal is added
-    mse: float = -1.0  # each group's range searched for the least sum |error|**mse (gptqmodel's `mse`; 0: off;
-    # -1: 2.4 for GPTQ, 0 for RTN, quantize.range_search)
+    mse: float = AUTO_MSE  # each group's range searched for the least sum |error|**mse (gptqmodel's `mse`; 0: off;
+    # AUTO_MSE (-1): 2.4 for GPTQ, 0 for RTN, quantize.range_search)
     calib_samples: int = 128  # calibration rows (GPTQ), from the train split
     calib_length: int = 256  # tokens per calibration row
     template: str = _DATA.template  # prompt template of the rows
