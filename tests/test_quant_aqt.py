@@ -1,5 +1,6 @@
 """The AQT pass: int4 weights in memory, bit-identical to an independent numpy dequantizer of the
 packed GPTQ tensors; and model-level sequential GPTQ."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +128,29 @@ def test_gptq_is_sequential_over_quantized_layers(tiny):
     got = qm.linears["layers.1.self_attn.q_proj"].codes
     np.testing.assert_array_equal(q_proj_codes(deq.layers[0](x, pos, mask)[0]), got)
     assert not np.array_equal(q_proj_codes(model.layers[0](x, pos, mask)[0]), got)
+
+
+def test_gptq_is_sequential_inside_a_layer(tiny):
+    """o, gate/up and down of layer 0 are quantized on inputs computed with every earlier set of the
+    layer already int4 (the dequantized layer run here op by op, not through quantize_model's passes)."""
+    model, ids, qm = tiny
+    deq = dequantized_model(model, qm).layers[0]
+    t = ids.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t), ids.shape)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (ids.shape[0], t, t))
+    x = model.embed_tokens(ids)
+    seen = []
+    deq.self_attn.o_proj, o_proj = (lambda z: seen.append(z) or o_proj(z)), deq.self_attn.o_proj
+    h = x + deq.self_attn(deq.input_layernorm(x), pos, mask)[0]
+    h2 = deq.post_attention_layernorm(h)
+    inputs = {"self_attn.o_proj": seen[0], "mlp.gate_proj": h2, "mlp.up_proj": h2,
+              "mlp.down_proj": jax.nn.silu(deq.mlp.gate_proj(h2)) * deq.mlp.up_proj(h2)}
+    for path, z in inputs.items():
+        hess = hessian_finalize(hessian_update(hessian_init(z.shape[-1]), z))
+        mod, name = path.split(".")
+        kernel = getattr(getattr(model.layers[0], mod), name).kernel[...]
+        np.testing.assert_array_equal(gptq_layer(kernel, hess, group_size=32, desc_act=True).codes,
+                                      qm.linears[f"layers.0.{path}"].codes, err_msg=path)
 
 
 def test_gptq_model_closer_to_float_than_rtn(tiny):

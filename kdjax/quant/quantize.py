@@ -6,7 +6,10 @@ in the sets that share an input, as the model's family lists them (`Family.linea
 kdjax/families.py): (q, k, v), (o), (gate, up), (down). Each set's Hessian comes
 from running the layer on its input with the earlier sets already quantized (their kernels
 swapped for the dequantized int4 weights); the layer's output, fully quantized, is the next
-layer's input. Embeddings, norms and the output head stay as they are.
+layer's input. Each pass replays the sets already quantized on the inputs the passes before it
+captured, so a layer's passes together cost about one forward of the layer (SmolLM2-135M, 128 x 256
+tokens, 2-core CPU: 254 s -> 166 s for the whole GPTQ, the same codes). Embeddings, norms and the
+output head stay as they are.
 
 The model is left unchanged (kernels are restored at the end); the result is a `QuantizedModel`
 that `to_int4_model`, `dequantized_model` (aqt_pass.py) and `export_gptq.save_gptq` consume.
@@ -97,24 +100,39 @@ class _Recorder:
         raise _Captured(x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _capture(graphdef, state, x, positions, mask, mod: str, name: str):
-    """The input of linear `mod.name` of a decoder layer (split as graphdef, state) on x [B, T, D].
+class _Replay:
+    """Stands in for a linear during one forward: the linear on the input it was given in an
+    earlier pass (whatever it is handed now is ignored, so what only computed that is dead code)."""
 
-    Runs the layer only up to that linear: a stand-in raises with the input, caught inside the
-    trace. Every decoder layer has the same graphdef, so each linear set compiles once."""
+    def __init__(self, linear, x):
+        self.linear, self.x = linear, x
+
+    def __call__(self, _):
+        return self.linear(self.x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _layer_pass(graphdef, state, x, positions, mask, stop: tuple[str, str] | None,
+                replayed: tuple[tuple[str, tuple[str, ...]], ...], inputs: tuple):
+    """One pass of a decoder layer (split as graphdef, state) on x [B, T, D]: the input of linear
+    `stop` = (mod, name), or the layer's output when stop is None.
+
+    The linear sets in `replayed` take their inputs from `inputs` (one array a set, captured by
+    earlier passes) instead of recomputing them, so a pass costs only what lies between the last
+    replayed set and `stop`: the sets of a layer are captured in one forward's worth of compute
+    rather than one forward each. Every decoder layer has the same graphdef, so each pass compiles once."""
     layer = nnx.merge(graphdef, state)
-    setattr(getattr(layer, mod), name, _Recorder())
+    for (mod, names), xin in zip(replayed, inputs):
+        for name in names:
+            setattr(getattr(layer, mod), name, _Replay(getattr(getattr(layer, mod), name), xin))
+    if stop is None:
+        return layer(x, positions, mask)[0]
+    setattr(getattr(layer, stop[0]), stop[1], _Recorder())
     try:
         layer(x, positions, mask)
     except _Captured as c:
         return c.x
-    raise RuntimeError(f"decoder layer never called {mod}.{name}: kdjax/model.py changed its call order?")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_out(graphdef, state, x, positions, mask):
-    return nnx.merge(graphdef, state)(x, positions, mask)[0]
+    raise RuntimeError(f"decoder layer never called {stop[0]}.{stop[1]}: kdjax/model.py changed its call order?")
 
 
 @jax.jit
@@ -188,12 +206,16 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
     linears, originals = {}, {}
     try:
         for i, layer in enumerate(model.layers):
+            done = []  # (linear set, its input in each batch), in call order
             for mod, names in model.config.family.linear_sets:
-                first = getattr(getattr(layer, mod), names[0])
-                state = hessian_init(first.kernel.shape[0])
                 graphdef, params = nnx.split(layer)
-                for x, m, pos, mask in batches:
-                    state = hessian_update(state, _capture(graphdef, params, x, pos, mask, mod, names[0]), m)
+                replayed = tuple(s for s, _ in done)
+                xs = [_layer_pass(graphdef, params, x, pos, mask, (mod, names[0]), replayed,
+                                  tuple(ins[b] for _, ins in done))
+                      for b, (x, _, pos, mask) in enumerate(batches)]
+                state = hessian_init(xs[0].shape[-1])
+                for xin, (_, m, _, _) in zip(xs, batches):
+                    state = hessian_update(state, xin, m)
                 h = hessian_finalize(state)
                 for name in names:
                     lin = getattr(getattr(layer, mod), name)
@@ -203,8 +225,11 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
                     linears[path] = q
                     originals[path] = lin.kernel[...]
                     lin.kernel.set_value(jnp.asarray(q.dequantize(), originals[path].dtype))
+                done.append(((mod, names), xs))
             graphdef, params = nnx.split(layer)
-            batches = [(_layer_out(graphdef, params, x, pos, mask), m, pos, mask) for x, m, pos, mask in batches]
+            replayed = tuple(s for s, _ in done)
+            batches = [(_layer_pass(graphdef, params, x, pos, mask, None, replayed, tuple(ins[b] for _, ins in done)),
+                        m, pos, mask) for b, (x, m, pos, mask) in enumerate(batches)]
             log.info("gptq: layer %d/%d done (%.0f s)", i + 1, len(model.layers), time.time() - t0)
     finally:
         for path, k in originals.items():
