@@ -149,3 +149,11 @@ def test_cpu_kd_vs_torch_runs_both_sides_alternating_and_reports_their_ratio():
         median = sorted(t for s in sides if s["side"] == side for t in s["times"])
         assert summary[f"{side}_tokens_per_s"] == pytest.approx(2 * 16 / ((median[0] + median[1]) / 2), rel=0.02)
     assert summary["ratio"] == pytest.approx(summary["kdjax_tokens_per_s"] / summary["torch_tokens_per_s"], rel=0.01)
+
+
+def test_gptq_bench_reports_its_floor_and_ratio():
+    res = _run("gptq.py", "--model=tiny-qwen2", "--rows=4", "--length=16", "--batch=2", "--group_size=32")
+    assert res["bench"] == "gptq" and res["linears"] == 14 and (res["rows"], res["length"]) == (4, 16)
+    parts = res["forward_s"] + res["hessian_s"] + res["solver_s"]
+    assert res["floor_s"] == pytest.approx(parts, abs=0.011) and res["solver_s"] > 0
+    assert res["ratio"] == pytest.approx(res["gptq_s"] / res["floor_s"], rel=0.01, abs=0.002)
