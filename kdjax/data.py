@@ -672,6 +672,39 @@ def pack(examples: Sequence[Example], max_length: int, *, pad_id: int, packing: 
     return rows
 
 
+def repack(rows: Rows, multiple: int = 1) -> Rows:
+    """The sequences of one-sequence rows (pack(packing=False) with right padding: segment 1, then
+    padding) laid end to end in as few rows of the same width as hold them (first fit, longest
+    first), each its own segment, with empty rows added up to a multiple of `multiple`. Every token
+    keeps its id, target, loss mask and position, so a model that attends inside segments
+    computes the same logits and loss on it; only padding goes. Raises ValueError on rows that
+    already hold several segments or padding before their tokens."""
+    seg = np.asarray(rows["segment_ids"])
+    width = seg.shape[1]
+    lengths = (seg > 0).sum(axis=1)
+    if seg.max(initial=0) > 1 or any(seg[r, :n].min(initial=1) < 1 for r, n in enumerate(lengths)):
+        raise ValueError("repack: expected one right-padded sequence a row (segment 1, then padding)")
+    bins: list[list[int]] = []  # the source rows of each new row
+    room: list[int] = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        k = next((i for i, free in enumerate(room) if free >= lengths[r]), None)
+        if k is None:
+            bins.append([]), room.append(width)
+            k = len(bins) - 1
+        bins[k].append(r)
+        room[k] -= lengths[r]
+    n = -(-len(bins) // multiple) * multiple
+    out = {k: np.zeros((n, width), np.asarray(rows[k]).dtype) for k in ROW_KEYS}
+    for i, group in enumerate(bins):
+        start = 0
+        for s, r in enumerate(group, 1):
+            m = lengths[r]
+            for k in ROW_KEYS:
+                out[k][i, start:start + m] = s if k == "segment_ids" else np.asarray(rows[k])[r, :m]
+            start += m
+    return out
+
+
 def make_rows(records: Sequence[Record], tokenizer: Any, *, max_length: int, template: str = "minillm",
               packing: bool = False, padding: str = "right", system: str | None = None,
               on_long_prompt: str = "error") -> Rows:

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.seed = 1234
     c.data.limit = 0  # use at most this many records (0 = all)
     c.data.packing = False  # pack several sequences a row (each attends only inside its own segment)
+    # lay each step's sequences end to end in as few rows as hold them, each its own segment: the same
+    # sequences and loss a step, less padding (the row count varies by step: a compile for each count)
+    c.data.repack = False
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 60

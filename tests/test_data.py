@@ -400,6 +400,29 @@ def test_packing_keeps_order_and_segments(byte_tokenizer):
         data.pack(examples, 16, pad_id=0, packing=True, padding="left")
 
 
+
+def test_repack_keeps_every_token_in_fewer_rows(byte_tokenizer):
+    """Each sequence lands whole in one row and one segment, with its ids, targets, mask and positions."""
+    recs = [Record(f"Q{i}", "A" * (3 * i % 11 + 1)) for i in range(10)]
+    examples = data.tokenize(recs, byte_tokenizer, max_length=32, template="plain")
+    rows = data.pack(examples, 32, pad_id=0)
+    out = data.repack(rows, multiple=4)
+    n = len(out["input_ids"])
+    assert n % 4 == 0 and n < len(rows["input_ids"]) and out["segment_ids"].max() > 1
+    found = []
+    for i in range(n):
+        for s in range(1, out["segment_ids"][i].max() + 1):
+            at = np.flatnonzero(out["segment_ids"][i] == s)
+            assert np.array_equal(at, np.arange(at[0], at[0] + len(at)))  # contiguous
+            found.append(tuple(tuple(out[k][i, at].tolist()) for k in data.ROW_KEYS if k != "segment_ids"))
+    real = rows["segment_ids"] > 0
+    want = [tuple(tuple(rows[k][r, real[r]].tolist()) for k in data.ROW_KEYS if k != "segment_ids")
+            for r in range(len(rows["input_ids"]))]
+    assert sorted(found) == sorted(want)
+    assert out["loss_mask"].sum() == rows["loss_mask"].sum() and (out["loss_mask"][out["segment_ids"] == 0] == 0).all()
+    with pytest.raises(ValueError, match="one right-padded sequence a row"):
+        data.repack(out)
+
 def test_long_response_is_cut_without_eos(byte_tokenizer):
     with pytest.warns(UserWarning, match="1 of 1 responses were cut to fit max_length=32"):
         (ex,) = data.tokenize([Record("Q", "x" * 100)], byte_tokenizer, max_length=32, template="plain")

@@ -233,7 +233,8 @@ def test_fused_attention_and_remat_train_to_the_einsums_loss(setup, tmp_path):
 
 
 def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_unpacked(setup):
-    """data.packing: sequences laid end to end in a row, each attending inside its own segment."""
+    """data.packing (sequences laid end to end in a row, each attending inside its own segment), and
+    data.repack (a step's one-sequence rows laid so after they are made)."""
     from functools import partial
     c = config(setup, "unused")
     teacher, tok = kdjax.load(str(setup / "teacher"))
@@ -242,7 +243,9 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_unpacked(setup)
                              on_long_prompt="skip")[:6]
     unpacked = data.pack(examples, 96, pad_id=0)
     packed = data.pack(examples, 96, pad_id=0, packing=True)
+    repacked = data.repack(unpacked, multiple=2)
     assert len(packed["input_ids"]) < len(unpacked["input_ids"]) and packed["segment_ids"].max() > 1
+    assert len(repacked["input_ids"]) < len(unpacked["input_ids"]) and len(repacked["input_ids"]) % 2 == 0
     graphdef, params = nnx.split(student)
     params = nnx.to_pure_dict(params)
     tparams = nnx.to_pure_dict(nnx.state(teacher))
@@ -250,15 +253,16 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_unpacked(setup)
         kd = c.kd.copy_and_resolve_references()
         kd.kd_ratio = kd_ratio
         results = []
-        for rows, is_packed in ((unpacked, False), (packed, True)):
+        for rows, is_packed in ((unpacked, False), (packed, True), (repacked, True)):
             rows = {k: jnp.asarray(v) for k, v in rows.items()}
             loss = partial(distill.kd_loss, graphdef=graphdef, teacher_graphdef=nnx.graphdef(teacher), kd=kd,
                            vocab_size=None, mesh=None, packed=is_packed)
             results.append(jax.value_and_grad(lambda p: loss(p, rows, tparams, distill.token_totals(rows))[0])(params))
-        (la, ga), (lb, gb) = results
-        assert float(la) == pytest.approx(float(lb), rel=1e-5)
-        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
+        (la, ga), *others = results
+        for lb, gb in others:
+            assert float(la) == pytest.approx(float(lb), rel=1e-5)
+            for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
 
 
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(setup, tmp_path):

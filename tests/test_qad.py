@@ -220,7 +220,8 @@ def test_qad_config_errors(setup, tmp_path):
                           ({"quant.bits": 3}, r"--config.quant.bits=3: GPTQ packing supports \(2, 4, 8\)"),
                           ({"quant.group_size": 0}, r"--config.quant.group_size=0: expected a positive size or -1"),
                           ({"quant.mse": -2.0}, r"--config.quant.mse=-2.0: expected -1 \(2.4 for GPTQ, 0 for RTN\)"),
-                          ({"quant.float_dtype": "int8"}, r"--config.quant.float_dtype='int8': expected one of")]:
+                          ({"quant.float_dtype": "int8"}, r"--config.quant.float_dtype='int8': expected one of"),
+                          ({"data.repack": True, "data.packing": True}, r"--config.data.repack=True: data.packing")]:
         with pytest.raises(ConfigError, match=match):
             qad.check_config(config(setup, tmp_path, **fields))
     with pytest.raises(UserError, match=r"--config.quant.group_size=48 does not divide .* use --config.quant.group_size=32"):
@@ -250,18 +251,20 @@ def test_distill_with_qad_stage_reports_float_gptq_and_qad(setup, tmp_path):
 
 def test_qad_on_the_float_models_own_answers(setup, tmp_path):
     """kd.teacher_answers in QAD: the rows are the prompts with the float model's greedy answers (what a
-    greedy Rouge-L scores), generated once for the rows the run reads, and the loss is on those answers."""
+    greedy Rouge-L scores), generated once for the rows the run reads, and the loss is on those answers;
+    the run lays each step's rows end to end (data.repack), the reference below reads them one a row."""
     c = config(setup, tmp_path, **{"kd.teacher_answers": True, "kd.answer_tokens": 8, "train.steps": 2,
-                                   "eval.batch_size": 16})
+                                   "eval.batch_size": 16, "data.repack": True, "data.max_length": 128})
     out = qad.train(c)
     answers = {int(i): a for i, a in json.load(open(tmp_path / distill.ANSWERS))["answers"].items()}
     n = len(out["rows"]["train"]["input_ids"])
     assert set(answers) == {int(i) for s in range(2) for i in data.batch_indices(n, s, batch_size=8, seed=0)}
-    examples = data.tokenize(out["splits"]["train"], out["tokenizer"], max_length=64, template=c.data.template,
+    examples = data.tokenize(out["splits"]["train"], out["tokenizer"], max_length=128, template=c.data.template,
                              on_long_prompt="skip")
     c.resume = True
     rows = distill.AnswerBatches(c, out["rows"]["train"], examples, out["tokenizer"], None,
                                  str(tmp_path / distill.ANSWERS))(0).arrays
+    assert len(data.repack(rows)["input_ids"]) < len(rows["input_ids"])  # the run's step 0 had fewer rows
     first = json.loads(open(tmp_path / "metrics.jsonl").readline())
     ids, mask = jnp.asarray(rows["input_ids"]), jnp.asarray(rows["loss_mask"]) > 0
     assert int(mask.sum()) == sum(len(answers[int(i)]) for i in data.batch_indices(n, 0, batch_size=8, seed=0))

@@ -82,6 +82,10 @@ def check_config(cfg):
         if not 0 < kd.answer_share <= 1 or answer_count(cfg) == 0:
             raise ConfigError("kd.answer_share", f"={kd.answer_share}: must be in (0, 1] and leave at least one of "
                                                  f"train.batch_size={cfg.train.batch_size} rows on an answer")
+    if d.repack and (d.packing or kd.teacher_cache or cfg.mode not in ("distill", "sft", "qad")):
+        why = ("data.packing packs the rows already" if d.packing else "the cache's teacher is laid out by row"
+               if kd.teacher_cache else f"`kdjax {cfg.mode}` makes its own rows")
+        raise ConfigError("data.repack", f"=True: {why}; set --config.data.repack=False")
     teacher_cache.check_config(cfg)
     check_train_config(cfg, EVAL_METRICS, has_validation=bool(d.valid))
 
@@ -154,6 +158,21 @@ class CachedBatches(RowBatches):
         rows = {k: v[idx] for k, v in self.data.items()}
         rows["teacher"] = self.cache.read(idx, self.mine)
         return Batch(rows, tokens=rows["input_ids"].size)
+
+
+class Repacked:
+    """A batch source whose step's sequences are laid end to end in as few rows as hold them
+    (data.repack, `kdata.repack`): the same tokens and loss, less padding; the row count varies
+    by step (a multiple of `multiple`, the data-parallel devices x train.grad_accum)."""
+
+    def __init__(self, source, multiple: int):
+        self.source, self.multiple = source, multiple
+        self.examples, self.rows = source.examples, source.rows
+
+    def __call__(self, step, model=None) -> Batch:
+        batch = self.source(step, model)
+        rows = kdata.repack(batch.arrays, self.multiple)
+        return Batch(rows, tokens=rows["input_ids"].size, metrics=batch.metrics)
 
 
 class AnswerBatches(RowBatches):
@@ -289,7 +308,7 @@ def loss_of(cfg, model, teacher, mesh, tokenizer=None, cache=None):
                                                   f"{teacher.config.hidden_size})")
     return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
                    nnx.graphdef(teacher), kd=cfg.kd, vocab_size=vocab, mesh=mesh if mesh.size > 1 else None,
-                   packed=bool(cfg.data.packing), layer_map=layer_map)
+                   packed=bool(cfg.data.packing or cfg.data.repack), layer_map=layer_map)
 
 
 def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=None, cache=None) -> Task:
@@ -303,10 +322,12 @@ def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=N
         basis = cache.tail_basis
         frozen = {"tail_basis": jax.make_array_from_callback(basis.shape, NamedSharding(mesh, P()),
                                                              lambda idx: basis[idx])}
+    batches = batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else
+                          RowBatches(rows["train"], b, seed))
+    if cfg.data.repack:
+        batches = Repacked(batches, cfg.train.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"])
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
-                batches=batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else
-                                    RowBatches(rows["train"], b, seed)),
-                frozen=frozen, evaluate=evaluate)
+                batches=batches, frozen=frozen, evaluate=evaluate)
 
 
 def prepare(cfg):
