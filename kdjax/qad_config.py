@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.baseline = False  # KD's SFT baseline does not apply
 
     c.data.max_length = 256  # rows as long as `kdjax quantize --report` measures perplexity on
+    c.data.repack = True  # a step's 4 rows (2 answers, short) fit in ~3: 7.1 s a step instead of 9.4 on 2 CPU cores
 
     # the recipe measured in docs/quantization.md: the scales alone (quant.train_scales, train_config's
     # default) from the range-searched GPTQ start, lr 0.002, 64 steps, half of each step's rows on the
