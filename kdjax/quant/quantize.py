@@ -8,7 +8,7 @@ from running the layer on its input with the earlier sets already quantized (the
 swapped for the dequantized int4 weights); the layer's output, fully quantized, is the next
 layer's input. Each pass replays the sets already quantized on the inputs the passes before it
 captured, so a layer's passes together cost about one forward of the layer (SmolLM2-135M, 128 x 256
-tokens, 2-core CPU: 254 s -> 166 s for the whole GPTQ, the same codes). Embeddings, norms and the
+tokens, 2-core CPU: 259 s -> 166 s for the whole GPTQ, the same codes). Embeddings, norms and the
 output head stay as they are.
 
 The model is left unchanged (kernels are restored at the end); the result is a `QuantizedModel`
