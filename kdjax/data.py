@@ -694,13 +694,14 @@ def repack(rows: Rows, multiple: int = 1) -> Rows:
         bins[k].append(r)
         room[k] -= lengths[r]
     n = -(-len(bins) // multiple) * multiple
-    out = {k: np.zeros((n, width), np.asarray(rows[k]).dtype) for k in ROW_KEYS}
+    src = {k: np.asarray(rows[k]) for k in ROW_KEYS}
+    out = {k: np.zeros((n, width), v.dtype) for k, v in src.items()}
     for i, group in enumerate(bins):
         start = 0
         for s, r in enumerate(group, 1):
             m = lengths[r]
             for k in ROW_KEYS:
-                out[k][i, start:start + m] = s if k == "segment_ids" else np.asarray(rows[k])[r, :m]
+                out[k][i, start:start + m] = s if k == "segment_ids" else src[k][r, :m]
             start += m
     return out
 

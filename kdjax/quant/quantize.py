@@ -207,12 +207,15 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
     try:
         for i, layer in enumerate(model.layers):
             done = []  # (linear set, its input in each batch), in call order
-            for mod, names in model.config.family.linear_sets:
+
+            def passes(stop):  # _layer_pass on every batch, the sets in `done` replayed
                 graphdef, params = nnx.split(layer)
                 replayed = tuple(s for s, _ in done)
-                xs = [_layer_pass(graphdef, params, x, pos, mask, (mod, names[0]), replayed,
-                                  tuple(ins[b] for _, ins in done))
-                      for b, (x, _, pos, mask) in enumerate(batches)]
+                return [_layer_pass(graphdef, params, x, pos, mask, stop, replayed, tuple(ins[b] for _, ins in done))
+                        for b, (x, _, pos, mask) in enumerate(batches)]
+
+            for mod, names in model.config.family.linear_sets:
+                xs = passes((mod, names[0]))
                 state = hessian_init(xs[0].shape[-1])
                 for xin, (_, m, _, _) in zip(xs, batches):
                     state = hessian_update(state, xin, m)
@@ -226,10 +229,7 @@ def quantize_model(model, calib_input_ids=None, method: str = "gptq", bits: int 
                     originals[path] = lin.kernel[...]
                     lin.kernel.set_value(jnp.asarray(q.dequantize(), originals[path].dtype))
                 done.append(((mod, names), xs))
-            graphdef, params = nnx.split(layer)
-            replayed = tuple(s for s, _ in done)
-            batches = [(_layer_pass(graphdef, params, x, pos, mask, None, replayed, tuple(ins[b] for _, ins in done)),
-                        m, pos, mask) for b, (x, m, pos, mask) in enumerate(batches)]
+            batches = [(out, m, pos, mask) for out, (_, m, pos, mask) in zip(passes(None), batches)]
             log.info("gptq: layer %d/%d done (%.0f s)", i + 1, len(model.layers), time.time() - t0)
     finally:
         for path, k in originals.items():
