@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import data
-from kdjax.sharding import batch_spec, call_compiled, host_rows, place_rows
+from kdjax.sharding import batch_spec, call_compiled, data_shards, host_rows, place_rows
 
 
 def sample_logits(logits, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
@@ -114,7 +114,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
                          f"model's context of {ctx} tokens; shorten the prompt or lower --max_new_tokens")
     width = min(-(-longest // bucket) * bucket, ctx - max_new_tokens)
     mesh = _mesh_of(model)
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = 1 if mesh is None else data_shards(mesh)
     rows = -(-len(prompts) // shards) * shards  # fill up with copies of the last prompt to split evenly
     filled = list(prompts) + [prompts[-1]] * (rows - len(prompts))
     ids = np.full((rows, width), pad_id, np.int32)

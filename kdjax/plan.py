@@ -289,6 +289,7 @@ def plan(cfg, topology: str, command: str | None = None, log=print, only=None) -
     returns the report
     {"slice", "topology", "chips", "hosts", "mesh", "command", "chip", "programs": [...]}."""
     from kdjax import programs
+    from kdjax.sharding import data_shards
     sl = parse_slice(topology)
     command = command or cfg.mode
     devices = slice_devices(sl)
@@ -296,7 +297,7 @@ def plan(cfg, topology: str, command: str | None = None, log=print, only=None) -
     report = dict(slice=sl.name, topology=sl.topology, chips=sl.chips, hosts=sl.hosts, command=command,
                   mesh=dict(mesh.shape), chip=dataclasses.asdict(sl.chip), programs=[])
     rows = cfg.train.batch_size // max(cfg.train.grad_accum, 1)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = data_shards(mesh)
     if command != "grpo" and rows % shards:
         raise ValueError(f"the micro-batch ({cfg.train.batch_size} rows / grad_accum {cfg.train.grad_accum}) does "
                          f"not split over the {shards} data*fsdp chips of {sl.name}: change "
@@ -362,6 +363,7 @@ def search(cfg, topology: str, command: str | None = None, budget: int = 12, log
     of each before the next, compiling the command's training step at most `budget` times.
     Returns the compiled settings, best first (fitting ones by roofline tokens/s)."""
     from kdjax import programs
+    from kdjax.sharding import data_shards
     sl = parse_slice(topology)
     command = command or cfg.mode
     devices = slice_devices(sl)
@@ -382,7 +384,7 @@ def search(cfg, topology: str, command: str | None = None, budget: int = 12, log
             try:
                 mesh = make_mesh(c, devices)
                 rows = c.train.batch_size // c.train.grad_accum
-                if rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+                if rows % data_shards(mesh):
                     continue
                 step = programs.programs_for(command, c, mesh)[0]
                 result = compile_program(step, sl)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import generate
 from kdjax.config import PRESETS, ModelConfig, load_hf_config
 from kdjax.model import CausalLM
-from kdjax.sharding import state_shardings
+from kdjax.sharding import data_shards, state_shardings
 from kdjax.training import distill, grpo, minillm
 from kdjax.training.loop import jit_update
 from kdjax.training.models import parse_layers
@@ -144,7 +144,7 @@ def rows(n: int, length: int, sharding) -> dict:
 def batch_sharding(mesh: Mesh, rows: int | None = None) -> NamedSharding:
     """Rows split over ("data", "fsdp") as the trainers place batches; replicated when `rows` does
     not divide (generation batches are placed by jit as they come)."""
-    if rows is not None and rows % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if rows is not None and rows % data_shards(mesh):
         return NamedSharding(mesh, P())
     return NamedSharding(mesh, P(("data", "fsdp")))
 

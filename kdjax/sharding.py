@@ -158,6 +158,11 @@ def batch_spec() -> P:
     return P(rule)
 
 
+def data_shards(mesh: Mesh) -> int:
+    """How many ways a batch's rows split on `mesh`: the product of its data-parallel axes."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
 def place_rows(host: Any, mesh: Mesh) -> Any:
     """A global batch of host arrays ([rows, ...] leaves, the same on every process) as arrays
     whose rows are split over the data-parallel devices of `mesh`. Each process copies only the

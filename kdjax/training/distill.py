@@ -28,7 +28,7 @@ from kdjax.training.loop import Batch, Task, check_train_config, fit, resolve_st
 from kdjax.training.rollout import bucket_width, completion_rows, sample
 from kdjax.training.models import (hidden_and_head, load_frozen, load_student, load_trained, parse_layers,
                                    shared_vocab)
-from kdjax.sharding import process_rows
+from kdjax.sharding import data_shards, process_rows
 from kdjax.training import teacher_cache
 from kdjax.training.rundir import RunDir
 from kdjax.training.state import config_mesh
@@ -325,7 +325,7 @@ def kd_task(cfg, model, teacher, tokenizer, mesh, rows, evaluate=None, batches=N
     batches = batches or (CachedBatches(rows["train"], b, seed, cache, mesh) if cache else
                           RowBatches(rows["train"], b, seed))
     if cfg.data.repack:
-        batches = Repacked(batches, cfg.train.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"])
+        batches = Repacked(batches, cfg.train.grad_accum * data_shards(mesh))
     return Task(name=cfg.mode, model=model, mesh=mesh, tokenizer=tokenizer, loss=loss, totals=token_totals,
                 batches=batches, frozen=frozen, evaluate=evaluate)
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax.sharding import make_mesh
+from kdjax.sharding import data_shards, make_mesh
 
 Loss = Callable  # (params, micro_batch, frozen, totals) -> (loss, metrics)
 Totals = Callable  # (batch) -> {name: scalar}
@@ -51,7 +51,7 @@ def config_mesh(cfg, rows: int, what: str):
     data * fsdp devices."""
     devices = jax.devices()[:cfg.mesh.num_devices] if cfg.mesh.num_devices else None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = data_shards(mesh)
     if rows % shards:
         raise ValueError(f"{what}, {rows} rows, does not split over the {shards} data*fsdp devices; change "
                          f"--config.train.batch_size or the mesh (--config.mesh.data/fsdp/tensor)")
