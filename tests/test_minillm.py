@@ -139,3 +139,36 @@ def test_cli_minillm_reports(setup, tmp_path):
         assert row in report, report
     assert "plain fine-tuning of the same student" in report  # the baseline KD must beat, said either way
     kdjax.load(str(out / "student"))
+
+
+def test_minillm_adds_the_layer_states_term(setup):
+    """kd.hidden_weight in MiniLLM: its loss + w x the mean over student layers of ||s - t||^2 / ||t||^2
+    (each against the teacher layer it was made of) on the sampled rows, every real token: float64 numpy."""
+    from flax import nnx
+    from kdjax.sharding import make_mesh
+    from kdjax.training import models
+    from kdjax.training.rollout import completion_rows
+    teacher, tok = kdjax.load(str(setup / "teacher"))
+    student = models.student_from_teacher(teacher, models.parse_layers("every_other", 4))
+    rng = np.random.default_rng(3)
+    prompts = [[86, 35], [86, 36, 37], [86, 40, 41, 42]]
+    completions = [list(rng.integers(3, 290, n)) for n in (5, 3, 6)]
+    rows = {k: jnp.asarray(v) for k, v in completion_rows(prompts, completions, pad_id=0, width=12).items()}
+    batch = {"samples": rows}
+    c = config(setup, "unused", **{"student_layers": "every_other", "minillm.ce_weight": 0.0})
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params, tparams = (nnx.to_pure_dict(nnx.state(m)) for m in (student, teacher))
+    values = {}
+    for w in (0.0, 0.7):
+        c.kd.hidden_weight = w
+        values[w] = minillm.loss_of(c, student, teacher, mesh)(params, batch, tparams, minillm.minillm_totals(batch))
+    _, s_states = student.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+    _, t_states = teacher.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+    real = np.asarray(rows["segment_ids"]) > 0
+    ref = np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
+                   / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
+                   for a, j in zip(s_states, models.parse_layers("every_other", 4))], axis=0).mean()
+    assert ref > 1e-3  # the student skips layers: its states differ
+    assert float(values[0.7][1]["hidden_loss"]) == pytest.approx(ref, rel=1e-4)
+    assert float(values[0.7][0]) == pytest.approx(float(values[0.0][0]) + 0.7 * ref, rel=1e-5)
+    assert "hidden_loss" not in values[0.0][1]

@@ -294,18 +294,25 @@ def validation(cfg, tokenizer, splits, rows):
     return run
 
 
+def layer_map_of(cfg, model, teacher) -> tuple[int, ...] | None:
+    """For kd.hidden_weight > 0 with a live teacher: the teacher layer each student layer was made
+    of (`student_layers`), whose residual stream that layer's learns; else None."""
+    if teacher is None or cfg.kd.hidden_weight <= 0:
+        return None
+    layer_map = tuple(parse_layers(cfg.student_layers, teacher.config.num_layers))
+    if len(layer_map) != model.config.num_layers or model.config.hidden_size != teacher.config.hidden_size:
+        raise ConfigError("kd.hidden_weight", f"={cfg.kd.hidden_weight}: the student's {model.config.num_layers} "
+                                              f"layers of width {model.config.hidden_size} are not the teacher's "
+                                              f"student_layers={cfg.student_layers!r} ({len(layer_map)} of width "
+                                              f"{teacher.config.hidden_size})")
+    return layer_map
+
+
 def loss_of(cfg, model, teacher, mesh, tokenizer=None, cache=None):
     """The KD loss of these models as the loop's step takes it: from `teacher`, or from the sparse
     teacher each batch carries (`cache`, a teacher_cache.TeacherCache), or SFT when neither is given."""
     vocab = cache.vocab_size if cache else None if teacher is None else shared_vocab(model, teacher, tokenizer)
-    layer_map = None
-    if teacher is not None and cfg.kd.hidden_weight > 0:
-        layer_map = tuple(parse_layers(cfg.student_layers, teacher.config.num_layers))
-        if len(layer_map) != model.config.num_layers or model.config.hidden_size != teacher.config.hidden_size:
-            raise ConfigError("kd.hidden_weight", f"={cfg.kd.hidden_weight}: the student's {model.config.num_layers} "
-                                                  f"layers of width {model.config.hidden_size} are not the teacher's "
-                                                  f"student_layers={cfg.student_layers!r} ({len(layer_map)} of width "
-                                                  f"{teacher.config.hidden_size})")
+    layer_map = layer_map_of(cfg, model, teacher)
     return partial(kd_loss, graphdef=nnx.graphdef(model), teacher_graphdef=None if teacher is None else
                    nnx.graphdef(teacher), kd=cfg.kd, vocab_size=vocab, mesh=mesh if mesh.size > 1 else None,
                    packed=bool(cfg.data.packing or cfg.data.repack), layer_map=layer_map)

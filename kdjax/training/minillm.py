@@ -63,16 +63,25 @@ def minillm_objective(rkl, logq, logp, mask, alpha: float, *, tokens=None, rows=
 
 
 def minillm_loss(params, batch, teacher_params, totals, *, graphdef, teacher_graphdef, vocab_size, chunk_size,
-                 alpha, ce_weight, mesh, packed=False):
+                 alpha, ce_weight, mesh, packed=False, layer_map=None, hidden_weight=0.0):
     """MiniLLM's loss on the sampled rows (batch["samples"]) plus ce_weight x the cross-entropy
-    of the data rows (batch["data"]), each normalised by the whole batch's tokens."""
+    of the data rows (batch["data"]), each normalised by the whole batch's tokens. With layer_map
+    (the teacher layer of each student layer): + hidden_weight x `losses.hidden_state_loss` of the
+    student's layers to the teacher's on the sampled rows, over every token (as kdjax distill's)."""
     samples = batch["samples"]
-    h, head = hidden_and_head(graphdef, params, samples)
-    th, thead = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher_graphdef, teacher_params, samples))
+    hidden = bool(layer_map)
+    out = hidden_and_head(graphdef, params, samples, layers=hidden)
+    tout = jax.tree.map(jax.lax.stop_gradient, hidden_and_head(teacher_graphdef, teacher_params, samples, layers=hidden))
+    (h, head), (th, thead) = (out[0], out[-1]), (tout[0], tout[-1])
     rkl, logq, logp = losses.token_reverse_kl(h, head, th, thead, samples["targets"], vocab_size=vocab_size,
                                               chunk_size=chunk_size, mesh=mesh)
     loss, metrics = minillm_objective(rkl, logq, jax.lax.stop_gradient(logp), samples["loss_mask"], alpha,
                                       tokens=totals["tokens"], rows=totals["rows"])
+    if hidden:
+        hl = losses.hidden_state_loss(out[1], [tout[1][j] for j in layer_map], samples["segment_ids"] > 0,
+                                      totals["all_tokens"])
+        loss = loss + hidden_weight * hl
+        metrics["hidden_loss"] = jax.lax.stop_gradient(hl)
     if ce_weight:
         rows = batch["data"]
         dh, dhead = hidden_and_head(graphdef, params, rows, packed=packed)
@@ -89,12 +98,14 @@ def loss_of(cfg, student, teacher, mesh, tokenizer=None):
     return partial(minillm_loss, graphdef=nnx.graphdef(student), teacher_graphdef=nnx.graphdef(teacher),
                    vocab_size=shared_vocab(student, teacher, tokenizer), chunk_size=cfg.kd.chunk_size,
                    alpha=float(m.alpha), ce_weight=float(m.ce_weight), mesh=mesh if mesh.size > 1 else None,
-                   packed=bool(cfg.data.packing))
+                   packed=bool(cfg.data.packing), layer_map=distill.layer_map_of(cfg, student, teacher),
+                   hidden_weight=float(cfg.kd.hidden_weight))
 
 
 def minillm_totals(batch) -> dict:
     out = {"tokens": jnp.maximum(jnp.sum(batch["samples"]["loss_mask"]), 1.0),
-           "rows": jnp.asarray(batch["samples"]["loss_mask"].shape[0], jnp.float32)}
+           "rows": jnp.asarray(batch["samples"]["loss_mask"].shape[0], jnp.float32),
+           "all_tokens": jnp.maximum(jnp.sum(batch["samples"]["segment_ids"] > 0), 1.0)}
     if "data" in batch:
         out["data_tokens"] = jnp.maximum(jnp.sum(batch["data"]["loss_mask"]), 1.0)
     return out
