@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import generate
 from kdjax.config import PRESETS, ModelConfig, load_hf_config
 from kdjax.model import CausalLM
-from kdjax.sharding import data_shards, state_shardings
+from kdjax.sharding import batch_spec, data_shards, state_shardings
 from kdjax.training import distill, grpo, minillm
 from kdjax.training.loop import jit_update
 from kdjax.training.models import parse_layers
@@ -146,7 +146,7 @@ def batch_sharding(mesh: Mesh, rows: int | None = None) -> NamedSharding:
     not divide (generation batches are placed by jit as they come)."""
     if rows is not None and rows % data_shards(mesh):
         return NamedSharding(mesh, P())
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, batch_spec())
 
 
 # ---- FLOP counts (the usual model FLOPs, for MFU) ----------------------------------------------

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax.sharding import data_shards, make_mesh
+from kdjax.sharding import batch_spec, data_shards, make_mesh
 
 Loss = Callable  # (params, micro_batch, frozen, totals) -> (loss, metrics)
 Totals = Callable  # (batch) -> {name: scalar}
@@ -42,8 +42,8 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """Rows of a batch split over the data-parallel axes ("data", "fsdp")."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    """Rows of a batch split over the data-parallel axes (sharding.batch_spec: "data" and "fsdp")."""
+    return NamedSharding(mesh, batch_spec())
 
 
 def config_mesh(cfg, rows: int, what: str):
