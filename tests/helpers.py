@@ -13,6 +13,19 @@ def set_fields(c, **kw):
     return override(c, kw)
 
 
+def layer_states_error(student, teacher, rows, layer_map) -> float:
+    """float64 numpy reference of losses.hidden_state_loss: the mean over the real tokens of `rows`
+    (segment_ids > 0) of the mean over student layers of ||s - t||^2 / ||t||^2, each student layer
+    against the teacher layer `layer_map` pairs it with."""
+    import numpy as np
+    _, s_states = student.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+    _, t_states = teacher.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
+    real = np.asarray(rows["segment_ids"]) > 0
+    return np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
+                    / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
+                    for a, j in zip(s_states, layer_map)], axis=0).mean()
+
+
 def run_kdjax(*args, timeout=600):
     """`python -m kdjax ARGS` from the repository root; the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, "-m", "kdjax", *args], capture_output=True, text=True,

@@ -19,7 +19,7 @@ from kdjax.training.run import run
 from kdjax.config import ModelConfig
 from kdjax.errors import ConfigError
 from kdjax.sharding import make_mesh
-from helpers import set_fields
+from helpers import layer_states_error, set_fields
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +135,7 @@ def test_hidden_state_kd_adds_the_layers_relative_error_and_trains_it_down(setup
             c.kd.hidden_weight = w
             loss = distill.loss_of(c, student, teacher, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
             values[w] = loss(nnx.to_pure_dict(params), rows, tparams, distill.token_totals(rows))
-        # float64 numpy from the two models' layer states
-        _, s_states = student.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
-        _, t_states = teacher.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
-        real = np.asarray(rows["segment_ids"]) > 0
-        ref = np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
-                       / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
-                       for a, j in zip(s_states, models.parse_layers(spec, 4))], axis=0).mean()
+        ref = layer_states_error(student, teacher, rows, models.parse_layers(spec, 4))  # float64 numpy
         assert float(values[0.7][1]["hidden_loss"]) == pytest.approx(ref, rel=1e-4)
         assert float(values[0.7][0]) == pytest.approx(float(values[0.0][0]) + 0.7 * ref, rel=1e-5)
         assert (ref == 0.0) == (spec == "0,1")  # the teacher's first layers: the same states, nothing to learn

@@ -10,7 +10,7 @@ from kdjax import data, gguf_io, losses, train_config
 from kdjax.training import minillm
 from kdjax.config import ModelConfig
 from kdjax.generate import generate
-from helpers import run_kdjax, set_fields
+from helpers import layer_states_error, run_kdjax, set_fields
 
 
 def test_future_reward_is_the_mean_over_later_tokens():
@@ -162,12 +162,7 @@ def test_minillm_adds_the_layer_states_term(setup):
     for w in (0.0, 0.7):
         c.kd.hidden_weight = w
         values[w] = minillm.loss_of(c, student, teacher, mesh)(params, batch, tparams, minillm.minillm_totals(batch))
-    _, s_states = student.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
-    _, t_states = teacher.hidden_states(rows["input_ids"], positions=rows["positions"], layers=True)
-    real = np.asarray(rows["segment_ids"]) > 0
-    ref = np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
-                   / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
-                   for a, j in zip(s_states, models.parse_layers("every_other", 4))], axis=0).mean()
+    ref = layer_states_error(student, teacher, rows, models.parse_layers("every_other", 4))
     assert ref > 1e-3  # the student skips layers: its states differ
     assert float(values[0.7][1]["hidden_loss"]) == pytest.approx(ref, rel=1e-4)
     assert float(values[0.7][0]) == pytest.approx(float(values[0.0][0]) + 0.7 * ref, rel=1e-5)
