@@ -27,12 +27,16 @@ def rel_err(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
+CASES = ("sym_act", "asym", "asym_act")  # act-order GPTQ, RTN with a zero point per group, and both
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model, ids, gptq_act = tiny_gptq()  # GPTQ with act-order: g_idx not monotone
     asym = quantize_model(model, method="rtn", group_size=32, sym=False)  # zero points that vary
+    asym_act = quantize_model(model, ids, method="gptq", group_size=32, desc_act=True, sym=False)  # `kdjax qad`'s grid
     out = {}
-    for name, qm in {"sym_act": gptq_act, "asym": asym}.items():
+    for name, qm in {"sym_act": gptq_act, "asym": asym, "asym_act": asym_act}.items():
         dst = str(tmp_path_factory.mktemp(name))
         save_gptq(model, qm, dst, dtype="float32")
         out[name] = (dst, np.asarray(logits(to_int4_model(model, qm), ids)), qm)
@@ -94,20 +98,21 @@ def spec_logits(t, conf, ids):
         return hf(torch.tensor(ids)).logits.numpy()
 
 
-@pytest.mark.parametrize("case", ["sym_act", "asym"])
+@pytest.mark.parametrize("case", CASES)
 def test_spec_dequantizer_in_transformers_matches_kdjax_int4(tiny, case):
     cfg, ids, out = tiny
     dst, int4_logits, qm = out[case]
     conf = json.load(open(os.path.join(dst, "config.json")))
     qc = conf.pop("quantization_config")
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
-    assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] == (case == "sym_act") and qc["sym"] == (case != "asym")
+    assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] == case.endswith("_act")
+    assert qc["sym"] == case.startswith("sym")
     assert json.load(open(os.path.join(dst, "quantize_config.json"))) == qc
     t = load_file(os.path.join(dst, "model.safetensors"))
     assert t["model.layers.0.self_attn.q_proj.qweight"].shape == (64 // 8, 64)
     assert t["model.layers.1.self_attn.k_proj.qzeros"].shape == (2, 32 // 8)
     assert t["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
-    if case == "sym_act":
+    if case.endswith("_act"):
         assert not torch.equal(t["model.layers.0.mlp.down_proj.g_idx"], torch.arange(128) // 32)
     assert rel_err(spec_logits(t, conf, ids), int4_logits) < 1e-4
 
@@ -151,7 +156,7 @@ def test_transformers_gptqmodel_loads_export_and_wrong_zero_fails(tiny, tmp_path
     def hf_logits(path, backend):
         return gptqmodel_logits(path, ids, backend)
 
-    for case in ("sym_act", "asym"):
+    for case in CASES:
         dst, int4_logits, _ = out[case]
         err = rel_err(hf_logits(dst, "torch"), int4_logits)
         assert err < 1e-2, (case, err)
@@ -181,7 +186,7 @@ def test_qwen3_export_loads_in_transformers_gptqmodel(tiny_qwen3, restore_enviro
 def test_read_back_gives_the_same_int4_model(tiny):
     from kdjax.quant.export_gptq import load_gptq
     cfg, ids, out = tiny
-    for case in ("sym_act", "asym"):
+    for case in CASES:
         dst, int4_logits, qm = out[case]
         model, back = load_gptq(dst)
         assert sorted(back.linears) == sorted(qm.linears) and back.sym == qm.sym and back.desc_act == qm.desc_act
