@@ -4,6 +4,9 @@ float teacher below GPTQ's on held-out rows, its export loads in transformers + 
 killed run resumes bit-identical."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from kdjax.quant.export_gptq import load_gptq, read_gptq
 from kdjax.quant.quantize import quantize_model
 from kdjax.training import distill, qad
 from kdjax.training.run import run
-from helpers import Crash, crash_at, run_kdjax, set_fields
+from helpers import ROOT, run_kdjax, set_fields
 from test_quant_common import logits, tiny_gptq
 from test_quant_export import HAS_GPTQ_LOADER, gptqmodel_logits, rel_err, restore_environ  # noqa: F401 (a fixture)
 
@@ -134,14 +137,17 @@ def config(setup, out, mode="qad", **kw):
     return set_fields(c, **kw)
 
 
+QAD_GRID = {"quant.sym": False}  # `kdjax qad`'s grid: a zero point per group
+
+
 @pytest.fixture(scope="module")
 def trained(setup, tmp_path_factory):
-    """`kdjax qad` (training, then its report): (out_dir, what qad.train returned)."""
+    """`kdjax qad` (training, then its report) on its default grid: (out_dir, what qad.train returned)."""
     out, results = tmp_path_factory.mktemp("qad_run"), []
     real_train = qad.train
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qad, "train", lambda cfg, **kw: results.append(real_train(cfg, **kw)) or results[-1])
-        run(config(setup, out, **{"eval.num_samples": 2, "eval.max_new_tokens": 4}), "qad")
+        run(config(setup, out, **QAD_GRID, **{"eval.num_samples": 2, "eval.max_new_tokens": 4}), "qad")
     return out, results[0]
 
 
@@ -164,6 +170,7 @@ def test_qad_lowers_the_int4_divergence_below_gptq_on_held_out_rows(setup, train
     assert qm.method == "qad" and qm.desc_act and qm.group_size == 32
     changed = sum(int((q.codes != start_qm.linears[p].codes).sum()) for p, q in qm.linears.items())
     assert changed > 0  # the codes moved
+    assert not qm.sym and not start_qm.sym  # the asymmetric grid from start to end
     # the checkpoint holds what the run returned
     np.testing.assert_array_equal(np.asarray(logits(after, ids)), np.asarray(logits(result["student"], ids)))
 
@@ -195,14 +202,30 @@ def test_qad_result_exports_and_loads_in_transformers_gptqmodel(trained, tmp_pat
     assert err < 1e-2, err
 
 
-def test_a_killed_qad_run_resumes_bit_identical(setup, trained, tmp_path, monkeypatch):
+KILLED_RUN = """
+import pathlib, sys
+sys.path.insert(0, "tests")
+from test_qad import QAD_GRID, config
+from kdjax.training import qad
+qad.train(config(pathlib.Path(sys.argv[1]), sys.argv[2], **QAD_GRID))
+"""
+
+
+def test_a_sigkilled_qad_run_resumes_bit_identical(setup, trained, tmp_path):
+    """SIGKILL in the middle of a QAD run (a child process running the `trained` fixture's config),
+    then --resume: the int4 checkpoint equals the uninterrupted run's, tensor for tensor."""
     full, _ = trained
-    crash_at(monkeypatch, qad, 5)  # dies at step 6, after the step-4 checkpoint
-    with pytest.raises(Crash):
-        qad.train(config(setup, tmp_path))
-    qad.train(config(setup, tmp_path, resume=True))
+    proc = subprocess.Popen([sys.executable, "-u", "-c", KILLED_RUN, str(setup), str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 6/8"):  # after the step-4 checkpoint
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / qad.INT4).exists()  # it died mid-run
+    qad.train(config(setup, tmp_path, resume=True, **QAD_GRID))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 9))  # steps 5-6 of the killed run are not logged twice
     a = dict(checkpoint.read_safetensors(str(full / qad.INT4 / "model.safetensors")))
     b = dict(checkpoint.read_safetensors(str(tmp_path / qad.INT4 / "model.safetensors")))
     assert sorted(a) == sorted(b) and any(k.endswith(".qweight") for k in a)
