@@ -1,5 +1,6 @@
 """Helpers shared by the trainer tests (no tests here)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,20 @@ def layer_states_error(student, teacher, rows, layer_map) -> float:
     return np.mean([np.sum((np.asarray(a, np.float64) - np.asarray(t_states[j], np.float64)) ** 2, -1)[real]
                     / np.sum(np.asarray(t_states[j], np.float64) ** 2, -1)[real]
                     for a, j in zip(s_states, layer_map)], axis=0).mean()
+
+
+def sigkill_at(argv, line_start: str):
+    """Runs argv from the repository root and SIGKILLs it when a line of its output starts with
+    line_start (a step's progress line); asserts that it died of that signal there."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    killed = False
+    for line in proc.stdout:
+        if line.startswith(line_start):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    proc.wait(timeout=60)
+    assert killed and proc.returncode == -signal.SIGKILL, (line_start, proc.returncode)
 
 
 def run_kdjax(*args, timeout=600):

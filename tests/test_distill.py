@@ -2,7 +2,6 @@
 a diverging run stops and keeps its last good checkpoint."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from kdjax.training.run import run
 from kdjax.config import ModelConfig
 from kdjax.errors import ConfigError
 from kdjax.sharding import make_mesh
-from helpers import layer_states_error, set_fields
+from helpers import layer_states_error, set_fields, sigkill_at
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +191,7 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [f"--config.out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    killed_at = None
-    for line in proc.stdout:
-        if line.startswith("step 7/16"):
-            proc.send_signal(signal.SIGKILL)
-            killed_at = 7
-            break
-    proc.wait(timeout=60)
-    assert killed_at and proc.returncode == -signal.SIGKILL
+    sigkill_at(cmd + [f"--config.out_dir={out}"], "step 7/16")
     assert not (out / "student").exists()  # it really died mid-run
     resumed = run(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

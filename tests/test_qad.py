@@ -4,8 +4,6 @@ float teacher below GPTQ's on held-out rows, its export loads in transformers + 
 killed run resumes bit-identical."""
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import jax
@@ -24,7 +22,7 @@ from kdjax.quant.export_gptq import load_gptq, read_gptq
 from kdjax.quant.quantize import quantize_model
 from kdjax.training import distill, qad
 from kdjax.training.run import run
-from helpers import ROOT, run_kdjax, set_fields
+from helpers import run_kdjax, set_fields, sigkill_at
 from test_quant_common import logits, tiny_gptq
 from test_quant_export import HAS_GPTQ_LOADER, gptqmodel_logits, rel_err, restore_environ  # noqa: F401 (a fixture)
 
@@ -215,14 +213,9 @@ def test_a_sigkilled_qad_run_resumes_bit_identical(setup, trained, tmp_path):
     """SIGKILL in the middle of a QAD run (a child process running the `trained` fixture's config),
     then --resume: the int4 checkpoint equals the uninterrupted run's, tensor for tensor."""
     full, _ = trained
-    proc = subprocess.Popen([sys.executable, "-u", "-c", KILLED_RUN, str(setup), str(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 6/8"):  # after the step-4 checkpoint
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / qad.INT4).exists()  # it died mid-run
+    # killed at step 6, after the step-4 checkpoint
+    sigkill_at([sys.executable, "-u", "-c", KILLED_RUN, str(setup), str(tmp_path)], "step 6/8")
+    assert not (tmp_path / qad.INT4).exists()  # it died mid-run
     qad.train(config(setup, tmp_path, resume=True, **QAD_GRID))
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 9))  # steps 5-6 of the killed run are not logged twice
