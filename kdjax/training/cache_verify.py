@@ -116,8 +116,8 @@ def verify(path: str, *, rows: int = 8, student: str | None = None, sizes=None, 
     model = load_student(cfg, teacher, tokenizer, mesh)
     packed, v = bool(cfg.data.packing), cache.vocab_size
     th, tw = hidden_and_head(nnx.graphdef(teacher), nnx.state(teacher), batch, packed=packed)
-    t_logp = np.asarray(jax.nn.log_softmax(jnp.asarray(th)[mask] @ tw[:, :v] / cfg.kd.temperature, axis=-1),
-                        np.float64)
+    logits = jnp.dot(jnp.asarray(th)[mask], tw[:, :v], preferred_element_type=jnp.float32)  # as the loss sums them
+    t_logp = np.asarray(jax.nn.log_softmax(logits / cfg.kd.temperature, axis=-1), np.float64)
     kd = cfg.kd.copy_and_resolve_references()
     kd.kd_ratio = 1.0
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
