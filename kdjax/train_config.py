@@ -129,9 +129,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.cache.chunk_rows = 16  # rows a stored chunk: the unit written atomically and resumed from
     c.cache.batch_size = 4  # rows a device takes a teacher pass
     c.cache.seed = 0  # of the sampled tokens
-    # the shape of the tail: r numbers a token (in cache.dtype) whose product with an [r, V] basis fitted
-    # to the teacher's logits spreads the tail mass over the other tokens (0: one tail bucket)
-    c.cache.tail_rank = 64  # docs/teacher_cache.md: KL(full || cached) at K = 64 0.181 -> 0.029, +128 B a token
+    # the shape of the tail: coefficients a token whose product with an [r, V] basis fitted to the teacher's
+    # logits spreads the tail mass over the other tokens (tail_rank 0: one tail bucket). At most tail_rank
+    # directions (the teacher's hidden size bounds them), packed into tail_bytes bytes a token, each direction
+    # with its own bit width by its variance (0 bytes: tail_rank numbers in cache.dtype, unquantized).
+    # docs/teacher_cache.md: KL(full || cached) at K = 64: one bucket 0.181, rank 64 in bf16 (128 B) 0.029,
+    # 128 packed bytes 0.007
+    c.cache.tail_rank = 4096
+    c.cache.tail_bytes = 128
 
     c.minillm = ml_collections.ConfigDict()  # `kdjax minillm` (kdjax/training/minillm.py)
     c.minillm.alpha = 0.2  # the teacher's share of the sampling distribution (MiniLLM's mix)

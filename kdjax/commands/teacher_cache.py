@@ -1,7 +1,8 @@
 """Run the teacher once over the training rows of a KD run (`--config`, as `kdjax distill` takes it) and
-store, for every response token, its top-K token ids, their log-probs and the log of its remaining
-mass, and with --config.cache.tail_rank=r the r coefficients of its logits in a basis fitted to the
-teacher (the shape of that remaining mass) (zarr v3 through tensorstore, chunked by rows), so that `kdjax distill
+store (zarr v3 through tensorstore, chunked by rows), for every response token, its top-K token ids,
+their log-probs and the log of its remaining mass, and the coefficients of its logits in a basis
+fitted to the teacher (the shape of that remaining mass: up to --config.cache.tail_rank directions,
+bit-packed into --config.cache.tail_bytes bytes a token), so that `kdjax distill
 --config.kd.teacher_cache=DIR` trains with no teacher in memory. A killed build continues from its
 last whole chunk when the same command runs again; with --distributed every process writes its own
 chunks. `verify DIR` measures what the cache loses against the live teacher, for each K it holds.

@@ -19,12 +19,17 @@ The store is a zarr v3 hierarchy written through tensorstore, chunked by rows:
     DIR/logp       bf16 | fp16 | fp32 [M, T, K + S]: the teacher's log-prob of each id; a drawn id:
                    log(tail mass * count / S), so drawn weights sum to the tail they stand for
     DIR/log_rest   fp32 [M, T]: the log of the teacher's mass outside the top K
-    DIR/tail_coef  (cache.tail_rank = r > 0) [M, T, r] in the log-probs' dtype: coefficients whose
-                   product with tail_basis approximates the token's teacher logits (at temperature 1)
+    DIR/tail_coef  (cache.tail_rank > 0) coefficients whose product with tail_basis approximates the
+                   token's teacher logits (at temperature 1): with cache.tail_bytes = B > 0, uint8
+                   [M, T, <= B], each token's r coefficients bit-packed (encode_tail: direction j in
+                   tail_bits[j] bits, a uniform quantizer of step tail_step[j] around tail_mean[j]);
+                   with B = 0, [M, T, r] in the log-probs' dtype
     DIR/tail_basis fp32 [r, V] and DIR/tail_encoder fp32 [D, r] (coef = final hidden state @ encoder):
                    the r directions of the teacher's logits that vary most over the response tokens
                    of the first FIT_ROWS rows (fit_tail); training spreads each token's tail mass in proportion
                    to exp(coef @ basis / temperature) instead of keeping it one bucket
+    DIR/tail_bits int32, tail_step, tail_mean fp32 [r] (B > 0): the code of each direction (plan_tail);
+                   r is the directions that got bits, at most cache.tail_rank
     DIR/done       uint8 [chunks]: 1 once chunk c (rows c R .. c R + R - 1, R = cache.chunk_rows) is written
 
 Off the response tokens every array holds 0. A chunk is written whole (one file an array, which
@@ -62,6 +67,11 @@ ATTR = "kdjax_teacher_cache"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 NO_TAIL = -np.inf  # log_tail of a token whose tail mass all went to drawn tokens
 FIT_ROWS = 128  # the first rows of a store, whose response tokens the tail basis is fitted on
+CODE_ARRAYS = (("bits", "int32"), ("step", "float32"), ("mean", "float32"))  # a packed tail's code, a direction
+MAX_BITS = 16  # of one packed coefficient
+# Half the range of the MSE-optimal uniform quantizer of a unit Gaussian with 2^b levels, in standard
+# deviations (2^(b-1) x the step of Max 1960, table II), b = 1 .. 8; +0.3 a bit beyond
+_HALF_RANGE = (1.596, 1.991, 2.344, 2.681, 3.009, 3.331, 3.642, 3.942)
 
 
 class CacheError(UserError):
@@ -86,6 +96,9 @@ def check_config(cfg):
             raise ConfigError(f"cache.{name}", f"={c[name]}: must be >= 1")
     if c.tail_rank < 0:
         raise ConfigError("cache.tail_rank", f"={c.tail_rank}: must be >= 0 (0: the tail as one bucket)")
+    if c.tail_bytes < 0:
+        raise ConfigError("cache.tail_bytes", f"={c.tail_bytes}: must be >= 0 (0: the tail's coefficients "
+                                              f"unquantized, in cache.dtype)")
     if c.tail_rank and c.samples:
         raise ConfigError("cache.tail_rank", f"={c.tail_rank} with cache.samples={c.samples}: drawn tokens carry "
                                              f"the tail; choose one (cache.samples=0, or cache.tail_rank=0)")
@@ -170,7 +183,8 @@ BUILD_FIELDS = (("top_k", "cache.top_k", lambda c: c.cache.top_k),
                 ("dtype", "cache.dtype", lambda c: c.cache.dtype),
                 ("chunk_rows", "cache.chunk_rows", lambda c: c.cache.chunk_rows),
                 ("seed", "cache.seed", lambda c: c.cache.seed if c.cache.samples else 0),
-                ("tail_rank", "cache.tail_rank", lambda c: c.cache.tail_rank))
+                ("tail_rank", "cache.tail_rank", lambda c: c.cache.tail_rank),
+                ("tail_bytes", "cache.tail_bytes", lambda c: c.cache.tail_bytes if c.cache.tail_rank else 0))
 DATA_FIELDS = ("data.source", "data.layout", "data.stdlib_pairs", "data.limit", "data.seed", "data.valid", "data.test")
 
 
@@ -279,12 +293,22 @@ def _shapes(attrs: dict, width: int) -> dict:
     out = {"rows": ((m,), (m,), "int32"), "ids": ((m, width, k), (r, width, k), "int32"),
            "logp": ((m, width, k), (r, width, k), attrs["dtype"]),
            "log_rest": ((m, width), (r, width), "float32"), "done": ((-(-m // r),), (1,), "uint8")}
-    rank = attrs.get("tail_rank", 0)
+    rank, packed = tail_dims(attrs), attrs.get("tail_packed", 0)
     if rank:
         v, d = attrs["vocab_size"], attrs["hidden_size"]
-        out.update(tail_coef=((m, width, rank), (r, width, rank), attrs["dtype"]),
-                   tail_basis=((rank, v), (rank, v), "float32"), tail_encoder=((d, rank), (d, rank), "float32"))
+        coef = ((m, width, packed), (r, width, packed), "uint8") if packed else (
+            (m, width, rank), (r, width, rank), attrs["dtype"])
+        out.update(tail_coef=coef, tail_basis=((rank, v), (rank, v), "float32"),
+                   tail_encoder=((d, rank), (d, rank), "float32"))
+        if packed:
+            out.update({f"tail_{a}": ((rank,), (rank,), t) for a, t in CODE_ARRAYS})
     return out
+
+
+def tail_dims(attrs: dict) -> int:
+    """The coefficients a token of a store's tail: cache.tail_rank, or with packed coefficients the
+    directions that got bits (0: no tail)."""
+    return attrs.get("tail_dims", attrs.get("tail_rank", 0))
 
 
 def open_arrays(path: str, attrs: dict, *, create: bool = False) -> dict:
@@ -319,7 +343,9 @@ class TeacherCache:
         self.where = np.full(attrs["train_rows"], -1, np.int64)  # training row -> store row
         self.where[self.order] = np.arange(len(self.order))
         self.vocab_size, self.top_k, self.samples = attrs["vocab_size"], attrs["top_k"], attrs["samples"]
-        self.tail_rank = attrs.get("tail_rank", 0)
+        self.tail_rank = tail_dims(attrs)
+        self.code = {a: self.arrays[f"tail_{a}"].read().result() for a, _ in CODE_ARRAYS} if attrs.get(
+            "tail_packed") else None
         self._basis = None
 
     @property
@@ -342,7 +368,7 @@ class TeacherCache:
         out = {"ids": np.zeros((b, t, k), np.int32), "logp": np.zeros((b, t, k), dtype),
                "log_tail": np.zeros((b, t), np.float32)}
         if self.tail_rank:
-            out["tail_coef"] = np.zeros((b, t, self.tail_rank), dtype)
+            out["tail_coef"] = np.zeros((b, t, self.tail_rank), np.float32 if self.code else dtype)
         picked = self.where[rows[part]]
         if len(picked):
             unique, back = np.unique(picked, return_inverse=True)
@@ -350,7 +376,8 @@ class TeacherCache:
             out["ids"][part] = got["ids"].result()[back]
             out["logp"][part] = got["logp"].result()[back]
             if self.tail_rank:
-                out["tail_coef"][part] = got["tail_coef"].result()[back]
+                coef = got["tail_coef"].result()[back]
+                out["tail_coef"][part] = decode_tail(coef, **self.code) if self.code else coef
             rest = got["log_rest"].result()[back]
             out["log_tail"][part] = NO_TAIL if self.samples else rest  # drawn tokens carry the tail
         return out
@@ -389,7 +416,8 @@ def token_arrays(tail_rank: int) -> tuple[str, ...]:
 def token_bytes(attrs: dict) -> int:
     """Bytes a response token takes in a store of these attributes, uncompressed."""
     item = np.dtype(DTYPES[attrs["dtype"]]).itemsize
-    return (4 + item) * (attrs["top_k"] + attrs["samples"]) + 4 + item * attrs.get("tail_rank", 0)
+    tail = attrs.get("tail_packed") or item * tail_dims(attrs)
+    return (4 + item) * (attrs["top_k"] + attrs["samples"]) + 4 + tail
 
 
 # ---- building it ------------------------------------------------------------------------------------
@@ -412,7 +440,7 @@ def _teacher_pass(params, rows_index, input_ids, positions, segment_ids, encoder
     h = model.hidden_states(input_ids, positions=positions, segment_ids=segment_ids if packed else None)
     if hidden:
         return h.astype(jnp.float32)
-    coef = () if encoder is None else (jnp.dot(h, encoder.astype(h.dtype), preferred_element_type=jnp.float32),)
+    coef = () if encoder is None else (jnp.dot(h.astype(jnp.float32), encoder),)  # fp32: the code's top bits need it
 
     def device(h, w, rows_index):
         def one(xs):  # one row: its [T, V] log-probs exist only here
@@ -450,11 +478,64 @@ def fit_tail(h: np.ndarray, w, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return encoder.astype(np.float32), basis
 
 
+def plan_tail(coef: np.ndarray, budget_bytes: int) -> dict:
+    """The code of a tail's coefficients coef [N, r] (of the fit's tokens): {"bits" [r] int32, "step",
+    "mean" [r] float32}. Reverse water-filling: direction j gets round(log2(std_j / t)) bits (0 to
+    MAX_BITS), t the smallest level at which they fit in 8 x budget_bytes bits, so every coded
+    direction's quantization error is about the same and the directions below it are dropped
+    (the squared error of the logits is the sum over directions, the basis' rows being orthonormal);
+    each coded direction a uniform quantizer of 2^bits levels centred on its mean."""
+    coef = np.asarray(coef, np.float64)
+    mean, std = coef.mean(0), coef.std(0)
+
+    def bits_at(t):
+        with np.errstate(divide="ignore"):
+            return np.clip(np.round(np.log2(std / t)), 0, MAX_BITS).astype(np.int32)
+
+    lo, hi = std.max() * 2.0 ** -(MAX_BITS + 1), std.max() * 2.0  # too many bits at lo, none at hi
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if bits_at(mid).sum() > 8 * budget_bytes else (lo, mid)
+    bits = bits_at(hi)
+    half = np.array([_HALF_RANGE[b - 1] if b <= 8 else _HALF_RANGE[-1] + 0.3 * (b - 8) for b in np.maximum(bits, 1)])
+    return {"bits": bits, "step": (std * half / 2.0 ** (np.maximum(bits, 1) - 1)).astype(np.float32),
+            "mean": mean.astype(np.float32)}
+
+
+def _bit_layout(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each packed bit's direction and place value, and where each direction's bits start."""
+    comp = np.repeat(np.arange(len(bits)), bits)
+    place = np.concatenate([np.arange(b) for b in bits]) if len(bits) else np.zeros(0, np.int64)
+    return comp, place.astype(np.int64), np.concatenate([[0], np.cumsum(bits)[:-1]]).astype(np.int64)
+
+
+def encode_tail(coef: np.ndarray, bits, step, mean) -> np.ndarray:
+    """coef [..., r] -> uint8 [..., ceil(sum(bits) / 8)]: direction j's code
+    clip(floor((c - mean) / step), -2^(b-1), 2^(b-1) - 1) + 2^(b-1) in its b = bits[j] bits, little-endian,
+    the directions one after another. Every bits[j] must be >= 1."""
+    bits = np.asarray(bits, np.int64)
+    half = 2 ** (bits - 1)
+    q = np.clip(np.floor((np.asarray(coef, np.float64) - mean) / step), -half, half - 1).astype(np.int64) + half
+    comp, place, _ = _bit_layout(bits)
+    flat = q.reshape(-1, len(bits))
+    return np.packbits(((flat[:, comp] >> place) & 1).astype(np.uint8), axis=-1, bitorder="little").reshape(
+        *q.shape[:-1], -1)
+
+
+def decode_tail(packed: np.ndarray, bits, step, mean) -> np.ndarray:
+    """encode_tail's inverse, to the middle of each code's interval: float32 [..., r]."""
+    bits = np.asarray(bits, np.int64)
+    comp, place, start = _bit_layout(bits)
+    flat = np.unpackbits(packed.reshape(-1, packed.shape[-1]), axis=-1, bitorder="little")[:, :len(comp)]
+    q = np.add.reduceat(flat.astype(np.int64) << place, start, axis=-1) - 2 ** (bits - 1)
+    return ((q + 0.5) * step + mean).astype(np.float32).reshape(*packed.shape[:-1], len(bits))
+
+
 def pack_tokens(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray, keep: np.ndarray, top_k: int, samples: int,
                 dtype, coef=None) -> tuple[np.ndarray, ...]:
     """A pass's arrays as stored: the drawn ids counted (each id once, weight log(tail mass *
     count / S), the tail mass being 1 when K = 0; empty slots -1), log-probs in the storage dtype,
-    everything 0 off the response tokens (`keep` [..., T])."""
+    everything 0 off the response tokens (`keep` [..., T]); coef: the tail's coefficients as stored."""
     out = np.zeros(ids.shape, np.float32)
     out[..., :top_k] = logp
     ids = ids.copy()
@@ -475,7 +556,7 @@ def pack_tokens(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray, keep: np.nd
     keep = keep.astype(bool)
     return (np.where(keep[..., None], ids, 0), np.where(keep[..., None], out, 0.0).astype(dtype),
             np.where(keep, rest, 0.0).astype(np.float32)) + (
-        () if coef is None else (np.where(keep[..., None], coef, 0.0).astype(dtype),))
+        () if coef is None else (np.where(keep[..., None], coef, 0).astype(coef.dtype),))
 
 
 class _Lock:
@@ -574,24 +655,37 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
             yield jax.tree.map(lambda x: np.asarray(x)[:len(take)], got), {k: v[:len(take)] for k, v in rows.items()}
 
     if stored is None and writer:  # the arrays first, the group's attributes last: a store is whole or absent
-        arrays = open_arrays(out, attrs, create=True)
-        arrays["rows"].write(order).result()
+        tail = {}
         if rank:  # fitted once, on the first rows' response tokens, by one process: every pass uses these
             fit = jax.jit(partial(_teacher_pass, **common, hidden=True))
             attrs["tail_fit_rows"] = min(FIT_ROWS, len(order))
             h = np.concatenate([x[rows["loss_mask"].astype(bool)] for x, rows in
                                 passes(0, attrs["tail_fit_rows"], fit)])
-            encoder, basis = fit_tail(h, teacher.head_kernel()[:, :vocab], rank)
-            arrays["tail_encoder"].write(encoder).result()
-            arrays["tail_basis"].write(basis).result()
-            log(f"teacher cache: tail basis of rank {rank} fitted on {len(h)} response tokens of the first "
-                f"{attrs['tail_fit_rows']} rows")
+            encoder, basis = fit_tail(h, teacher.head_kernel()[:, :vocab], min(rank, attrs["hidden_size"]))
+            attrs["tail_dims"] = encoder.shape[1]
+            if attrs["tail_bytes"]:  # the directions that get bits, and their code
+                code = plan_tail(h @ encoder, attrs["tail_bytes"])
+                keep = code["bits"] > 0
+                encoder, basis = encoder[:, keep], basis[keep]
+                tail = {f"tail_{a}": x[keep] for a, x in code.items()}
+                attrs.update(tail_dims=int(keep.sum()), tail_packed=-(-int(code["bits"].sum()) // 8))
+            tail.update(tail_encoder=encoder, tail_basis=basis)
+            log(f"teacher cache: tail basis of rank {attrs['tail_dims']} fitted on {len(h)} response tokens of the "
+                f"first {attrs['tail_fit_rows']} rows" + (f", {attrs['tail_packed']} bytes a token"
+                                                          if attrs["tail_bytes"] else ""))
+        arrays = open_arrays(out, attrs, create=True)
+        arrays["rows"].write(order).result()
+        for name, x in tail.items():
+            arrays[name].write(x).result()
         write_attrs(out, attrs)
     barrier("teacher cache: created")
+    attrs = read_attrs(out)  # with what the writer fitted (the tail's directions and code)
     arrays = open_arrays(out, attrs)
     order = arrays["rows"].read().result()
     done = arrays["done"].read().result()
+    rank = tail_dims(attrs)
     encoder = (arrays["tail_encoder"].read().result(),) if rank else ()
+    code = {a: arrays[f"tail_{a}"].read().result() for a, _ in CODE_ARRAYS} if attrs.get("tail_packed") else None
     m, chunks = len(order), len(done)
     mine = [i for i in range(chunks) if i % jax.process_count() == jax.process_index() and not done[i]]
     if done.any():
@@ -603,7 +697,8 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
     for n_done, i in enumerate(mine, 1):
         lo, hi = i * r, min((i + 1) * r, m)
         idx = order[lo:hi]
-        parts = [pack_tokens(*got[:3], rows["loss_mask"], top_k, samples, dtype, *got[3:])
+        parts = [pack_tokens(*got[:3], rows["loss_mask"], top_k, samples, dtype,
+                             *(encode_tail(c, **code) if code else c.astype(dtype) for c in got[3:]))
                  for got, rows in passes(lo, hi, step, *encoder)]
         writes = [arrays[name][lo:hi].write(np.concatenate(p)) for name, p in zip(names, zip(*parts))]
         for w in writes:
