@@ -70,7 +70,8 @@ FIT_ROWS = 128  # the first rows of a store, whose response tokens the tail basi
 CODE_ARRAYS = (("bits", "int32"), ("step", "float32"), ("mean", "float32"))  # a packed tail's code, a direction
 MAX_BITS = 16  # of one packed coefficient
 # Half the range of the MSE-optimal uniform quantizer of a unit Gaussian with 2^b levels, in standard
-# deviations (2^(b-1) x the step of Max 1960, table II), b = 1 .. 8; +0.3 a bit beyond
+# deviations (2^(b-1) x the optimal step in Max 1960, "Quantizing for minimum distortion"), b = 1 .. 8;
+# +0.3 a bit beyond
 _HALF_RANGE = (1.596, 1.991, 2.344, 2.681, 3.009, 3.331, 3.642, 3.942)
 
 
@@ -306,8 +307,8 @@ def _shapes(attrs: dict, width: int) -> dict:
 
 
 def tail_dims(attrs: dict) -> int:
-    """The coefficients a token of a store's tail: cache.tail_rank, or with packed coefficients the
-    directions that got bits (0: no tail)."""
+    """The coefficients a token of a store's tail (0: no tail): the directions fitted (cache.tail_rank,
+    at most the teacher's hidden size), with packed coefficients those of them that got bits."""
     return attrs.get("tail_dims", attrs.get("tail_rank", 0))
 
 
