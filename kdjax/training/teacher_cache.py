@@ -312,6 +312,12 @@ def tail_dims(attrs: dict) -> int:
     return attrs.get("tail_dims", attrs.get("tail_rank", 0))
 
 
+def tail_code(arrays: dict, attrs: dict) -> dict | None:
+    """A store's packed tail code {"bits", "step", "mean"} (decode_tail's arguments); None when its
+    coefficients are not packed."""
+    return {a: arrays[f"tail_{a}"].read().result() for a, _ in CODE_ARRAYS} if attrs.get("tail_packed") else None
+
+
 def open_arrays(path: str, attrs: dict, *, create: bool = False) -> dict:
     """The store's tensorstore arrays (created, empty, with `create`)."""
     import tensorstore as ts
@@ -345,8 +351,7 @@ class TeacherCache:
         self.where[self.order] = np.arange(len(self.order))
         self.vocab_size, self.top_k, self.samples = attrs["vocab_size"], attrs["top_k"], attrs["samples"]
         self.tail_rank = tail_dims(attrs)
-        self.code = {a: self.arrays[f"tail_{a}"].read().result() for a, _ in CODE_ARRAYS} if attrs.get(
-            "tail_packed") else None
+        self.code = tail_code(self.arrays, attrs)
         self._basis = None
 
     @property
@@ -686,7 +691,7 @@ def _build(cfg, out, stored, tokenizer, train, order, log, load_frozen):
     done = arrays["done"].read().result()
     rank = tail_dims(attrs)
     encoder = (arrays["tail_encoder"].read().result(),) if rank else ()
-    code = {a: arrays[f"tail_{a}"].read().result() for a, _ in CODE_ARRAYS} if attrs.get("tail_packed") else None
+    code = tail_code(arrays, attrs)
     m, chunks = len(order), len(done)
     mine = [i for i in range(chunks) if i % jax.process_count() == jax.process_index() and not done[i]]
     if done.any():
