@@ -59,6 +59,12 @@ def test_study_runs_every_cell_once_and_resumes_without_training(tmp_path):
     assert {r["cell"].get("kd.divergence") for r in out["runs"]} == {None, "forward_kl", "reverse_kl"}
     assert "kd.divergence=reverse_kl" in (tmp_path / "study" / "study.md").read_text()
     assert (tmp_path / "study" / "study.png").stat().st_size > 1000
+    # one student made of the teacher's layers for every run; a scored run's checkpoints removed
+    assert len(list((tmp_path / "study").glob("student-*/kdjax_config.json"))) == 1
+    for r in out["runs"]:
+        assert (tmp_path / "study" / r["out_dir"] / "metrics.jsonl").exists()
+        assert not (tmp_path / "study" / r["out_dir"] / "checkpoints").exists()
+        assert not (tmp_path / "study" / r["out_dir"] / "student_init").exists()
     again = run_kdjax("study", *args, "--resume")  # every run finished: nothing trains again
     assert again.returncode == 0 and "step 1/" not in again.stdout, again.stderr[-2000:]
     assert json.load(open(tmp_path / "study" / "study.json"))["summary"] == out["summary"]

@@ -6,7 +6,7 @@
 Each cell is `kdjax distill` with those values (the SFT baseline is the cell with kd.kd_ratio=0),
 trained for the config's steps once per seed (train.seed: the data order), scored on the test
 prompts; cells that run the same training are merged (kd fields at kd_ratio 0). --resume skips
-the runs that finished. kdjax/training/study.py says the rest.
+the runs that finished. A scored run's checkpoints are removed (--keep_checkpoints keeps them). kdjax/training/study.py says the rest.
 """
 import os
 
@@ -18,6 +18,8 @@ from kdjax.commands import train_flags
 train_flags.define_flags(os.path.abspath(kdjax.distill_config.__file__))  # the default job, as `kdjax distill`
 flags.DEFINE_string("grid", "kd.kd_ratio=0,1", "space-separated FIELD=V1,V2,... of config fields to vary")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "train.seed values: each cell runs once per seed")
+flags.DEFINE_bool("keep_checkpoints", False, "keep each scored run's checkpoints (its trained student); by "
+                  "default they are removed once the run is scored (about 2 GB a run of the default job)")
 FLAG_MODULES = (train_flags, __import__(__name__))
 FLAGS = flags.FLAGS
 
@@ -37,4 +39,5 @@ def main(argv):
     train_flags.initialize_distributed()
     cfg = FLAGS.config
     cfg.resume = FLAGS.resume
-    run_study(cfg, parse_grid(FLAGS.grid, cfg), seeds, overwrite=FLAGS.overwrite)
+    run_study(cfg, parse_grid(FLAGS.grid, cfg), seeds, overwrite=FLAGS.overwrite,
+              keep_checkpoints=FLAGS.keep_checkpoints)

@@ -224,11 +224,11 @@ def _stage(cfg, train_fn, export: str, overwrite: bool) -> dict:
     return info
 
 
-def student_init(cfg) -> str:
-    """out_dir/student_init: the student made of the teacher's `student_layers`, in kdjax format
-    (with cfg.resume, the one the interrupted run started from)."""
+def student_init(cfg, path: str = "") -> str:
+    """path (default out_dir/student_init): the student made of the teacher's `student_layers`, in
+    kdjax format (with cfg.resume, the one the interrupted run started from)."""
     from kdjax.checkpoint import load_tokenizer
-    path = os.path.join(cfg.out_dir, "student_init")
+    path = path or os.path.join(cfg.out_dir, "student_init")
     if cfg.resume and os.path.exists(os.path.join(path, "kdjax_config.json")):
         return path
     # placed on the run's mesh: on several processes each then holds its part of one global array,

@@ -11,8 +11,11 @@ per distinct teacher_sft setting and shared by every cell that uses them. With k
 the teacher runs once: its cache (kdjax/training/teacher_cache.py) of every training row
 (cache.rows = "all", so every seed's data order finds its rows) is built at that path before the
 first run that needs it and every run reads it with no teacher in memory; cells that need another
-store (another teacher, temperature or data) get their own, at PATH-1, PATH-2, ... Each run keeps
-its own directory under out_dir (a finished one is not run again with --resume), and study.md /
+store (another teacher, temperature or data) get their own, at PATH-1, PATH-2, ... The student made
+of a teacher's layers is saved once per teacher (out_dir/student-HASH) and every run starts from it.
+Each run keeps its own directory under out_dir (a finished one is not run again with --resume);
+its checkpoints, which only a killed run needs, are removed once it is scored (about 2 GB a run
+of the default job; keep_checkpoints=True keeps them, and with them the trained students). study.md /
 study.json / study.png hold the mean and spread over seeds of every cell, and each cache's build time.
 
     kdjax study --config=configs/default_lr_sweep.py --grid="train.lr=5e-4,1e-4,5e-5" --seeds=0
@@ -23,8 +26,10 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 
+import jax
 import numpy as np
 
 from kdjax import evaluate
@@ -87,7 +92,8 @@ def label(cell: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in effective(cell).items())
 
 
-def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool = False) -> dict:
+def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool = False,
+              keep_checkpoints: bool = False) -> dict:
     """Trains and scores every (cell, seed); writes out_dir/study.{json,md,png}; returns the summary."""
     distill.check_config(cfg)
     context = distill.prepare(cfg)
@@ -95,7 +101,7 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
     records = distill.eval_records(splits["test"], tokenizer, cfg, cfg.eval.num_samples)
     if not records:
         raise UserError("--config.eval.num_samples: a study scores the test prompts; it must be > 0")
-    teachers, caches = {}, {}
+    teachers, students, caches = {}, {}, {}
     runs = []
     for cell in cells(grid):
         for seed in seeds:
@@ -108,9 +114,16 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
                 if key not in teachers:
                     teachers[key] = run_teacher_sft(c, os.path.join(cfg.out_dir, f"teacher-{len(teachers)}"), overwrite)
                 c.teacher = teachers[key]
+            if not c.student:  # made of the teacher's layers: once per teacher, shared by its runs
+                key = json.dumps([c.teacher, c.student_layers, c.param_dtype, c.dtype, c.teacher_param_dtype])
+                if key not in students:  # named by what it is made of, so that --resume finds the same one
+                    name = "student-" + hashlib.sha1(key.encode()).hexdigest()[:8]
+                    students[key] = student_init(c, os.path.join(cfg.out_dir, name))
+                c.student = students[key]
             if c.kd.teacher_cache and c.kd.kd_ratio:  # at kd_ratio 0 no teacher is needed, cached or live
                 c.kd.teacher_cache = _cache_for(c, cfg, context, caches, overwrite)
-            runs.append(dict(cell=effective(cell), seed=seed, **_one_run(c, records, tokenizer, overwrite)))
+            runs.append(dict(cell=effective(cell), seed=seed,
+                             **_one_run(c, records, tokenizer, overwrite, keep_checkpoints)))
             print(f"study: {label(cell)}, seed {seed}: Rouge-L {runs[-1]['rougeL']:.2f} "
                   f"(loss {runs[-1]['loss']:.4f}, {runs[-1]['seconds']:.0f} s)", flush=True)
     summary = summarize(runs)
@@ -134,14 +147,12 @@ def _cache_for(c, cfg, context, caches: dict, overwrite: bool) -> str:
     return caches[key]["path"]
 
 
-def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
+def _one_run(c, records, tokenizer, overwrite: bool, keep_checkpoints: bool) -> dict:
     done = os.path.join(c.out_dir, "study_run.json")
     if c.resume and os.path.exists(done):
         with open(done) as f:
             return json.load(f)
     t0 = time.time()
-    if not c.student:
-        c.student = student_init(c)
     if c.kd.kd_ratio == 0:  # the data's cross-entropy alone: the SFT baseline, no teacher to run
         c = override(c, {"mode": "sft", "teacher": c.student, "kd.teacher_cache": ""})
     result = distill.train(c, overwrite=overwrite)
@@ -154,6 +165,8 @@ def _one_run(c, records, tokenizer, overwrite: bool) -> dict:
     out.update(seconds=round(time.time() - t0, 1), steps=c.train.steps, out_dir=c.out_dir)
     with open(done, "w") as f:
         json.dump(out, f)
+    if not keep_checkpoints and jax.process_index() == 0:  # scored: never resumed, so no checkpoint is needed
+        shutil.rmtree(os.path.join(c.out_dir, "checkpoints"), ignore_errors=True)
     return out
 
 
