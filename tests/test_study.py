@@ -65,6 +65,8 @@ def test_study_runs_every_cell_once_and_resumes_without_training(tmp_path):
         assert (tmp_path / "study" / r["out_dir"] / "metrics.jsonl").exists()
         assert not (tmp_path / "study" / r["out_dir"] / "checkpoints").exists()
         assert not (tmp_path / "study" / r["out_dir"] / "student_init").exists()
+    refused = run_kdjax("study", *args)  # neither --resume nor --overwrite: a scored run is not trained over
+    assert refused.returncode != 0 and "holds a scored run of an earlier study" in refused.stderr, refused.stderr[-2000:]
     again = run_kdjax("study", *args, "--resume")  # every run finished: nothing trains again
     assert again.returncode == 0 and "step 1/" not in again.stdout, again.stderr[-2000:]
     assert json.load(open(tmp_path / "study" / "study.json"))["summary"] == out["summary"]

@@ -149,7 +149,10 @@ def _cache_for(c, cfg, context, caches: dict, overwrite: bool) -> str:
 
 def _one_run(c, records, tokenizer, overwrite: bool, keep_checkpoints: bool) -> dict:
     done = os.path.join(c.out_dir, "study_run.json")
-    if c.resume and os.path.exists(done):
+    if os.path.exists(done) and not overwrite:
+        if not c.resume:  # its checkpoints are gone, so the run directory's own guard would not stop it
+            raise UserError(f"{c.out_dir} holds a scored run of an earlier study: keep it with --resume, or "
+                            f"train it again with --overwrite")
         with open(done) as f:
             return json.load(f)
     t0 = time.time()
