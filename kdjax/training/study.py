@@ -216,18 +216,25 @@ def write(out_dir: str, runs, summary, grid, seeds, caches=None):
 
 
 def plot(summary: list[dict], path: str):
-    """Rouge-L (left) and test loss (right) of every cell, mean with a bar of +/- one std."""
+    """Rouge-L (left) and test loss (right) of every cell, mean with a bar of +/- one std, one row a
+    cell (the first on top); the cells at kd_ratio 0, the SFT baselines, in grey."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    names = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r["cell"].items()) for r in summary]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 3), 4.5))
+    names = [", ".join(f"{k}={v}" for k, v in r["cell"].items()) or "(config as given)" for r in summary]
+    colors = ["#999999" if r["cell"].get("kd.kd_ratio") == 0 else "#4C72B0" for r in summary]
+    y = np.arange(len(names))[::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.4 + 0.32 * len(names)), sharey=True)
     for ax, metric, title in ((axes[0], "rougeL", "Rouge-L (test prompts)"), (axes[1], "loss", "test loss (nats)")):
-        ax.bar(range(len(names)), [r[metric] for r in summary], yerr=[r[metric + "_std"] for r in summary],
-               capsize=3, color="#4C72B0")
-        ax.set_xticks(range(len(names)), names, fontsize=7)
+        mean, std = np.array([r[metric] for r in summary]), np.array([r[metric + "_std"] for r in summary])
+        ax.barh(y, mean, xerr=std, capsize=3, color=colors)
+        if metric == "loss":  # the differences are hundredths of a nat: the axis starts near them, not at 0
+            lo, hi = float((mean - std).min()), float((mean + std).max())
+            ax.set_xlim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
         ax.set_title(title)
-        ax.grid(True, axis="y", alpha=0.3)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(y, names, fontsize=8)
+    fig.suptitle("mean and std over seeds; grey: kd_ratio 0 (the SFT baseline)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
