@@ -6,7 +6,8 @@
 Each cell is `kdjax distill` with those values (the SFT baseline is the cell with kd.kd_ratio=0),
 trained for the config's steps once per seed (train.seed: the data order), scored on the test
 prompts; cells that run the same training are merged (kd fields at kd_ratio 0). --resume skips
-the runs that finished. A scored run's checkpoints are removed (--keep_checkpoints keeps them). kdjax/training/study.py says the rest.
+the runs that finished. A scored run's checkpoints are removed (--keep_checkpoints keeps them).
+kdjax/training/study.py says the rest.
 """
 import os
 
