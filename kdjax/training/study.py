@@ -114,16 +114,14 @@ def run_study(cfg, grid: dict[str, list], seeds: list[int], *, overwrite: bool =
                 if key not in teachers:
                     teachers[key] = run_teacher_sft(c, os.path.join(cfg.out_dir, f"teacher-{len(teachers)}"), overwrite)
                 c.teacher = teachers[key]
-            if not c.student:  # made of the teacher's layers: once per teacher, shared by its runs
-                key = json.dumps([c.teacher, c.student_layers, c.param_dtype, c.dtype, c.teacher_param_dtype])
-                if key not in students:  # named by what it is made of, so that --resume finds the same one
-                    name = "student-" + hashlib.sha1(key.encode()).hexdigest()[:8]
-                    students[key] = student_init(c, os.path.join(cfg.out_dir, name))
-                c.student = students[key]
             if c.kd.teacher_cache and c.kd.kd_ratio:  # at kd_ratio 0 no teacher is needed, cached or live
                 c.kd.teacher_cache = _cache_for(c, cfg, context, caches, overwrite)
-            runs.append(dict(cell=effective(cell), seed=seed,
-                             **_one_run(c, records, tokenizer, overwrite, keep_checkpoints)))
+            out = _scored(c, overwrite)
+            if out is None:  # it trains: from the student made of its teacher's layers, once per teacher
+                if not c.student:
+                    c.student = _student_for(c, cfg, students)
+                out = _one_run(c, records, tokenizer, overwrite, keep_checkpoints)
+            runs.append(dict(cell=effective(cell), seed=seed, **out))
             print(f"study: {label(cell)}, seed {seed}: Rouge-L {runs[-1]['rougeL']:.2f} "
                   f"(loss {runs[-1]['loss']:.4f}, {runs[-1]['seconds']:.0f} s)", flush=True)
     summary = summarize(runs)
@@ -147,14 +145,29 @@ def _cache_for(c, cfg, context, caches: dict, overwrite: bool) -> str:
     return caches[key]["path"]
 
 
+def _student_for(c, cfg, students: dict) -> str:
+    """The student made of run config `c`'s teacher layers, saved once per teacher and dtypes at
+    out_dir/student-HASH (named by what it is made of, so that --resume finds the same one)."""
+    key = json.dumps([c.teacher, c.student_layers, c.param_dtype, c.dtype, c.teacher_param_dtype])
+    if key not in students:
+        students[key] = student_init(c, os.path.join(cfg.out_dir, "student-" + hashlib.sha1(key.encode()).hexdigest()[:8]))
+    return students[key]
+
+
+def _scored(c, overwrite: bool) -> dict | None:
+    """The scores of run `c` when it finished before and --resume keeps it; None when it is to train."""
+    done = os.path.join(c.out_dir, "study_run.json")
+    if overwrite or not os.path.exists(done):
+        return None
+    if not c.resume:  # its checkpoints are gone, so the run directory's own guard would not stop it
+        raise UserError(f"{c.out_dir} holds a scored run of an earlier study: keep it with --resume, or "
+                        f"train it again with --overwrite")
+    with open(done) as f:
+        return json.load(f)
+
+
 def _one_run(c, records, tokenizer, overwrite: bool, keep_checkpoints: bool) -> dict:
     done = os.path.join(c.out_dir, "study_run.json")
-    if os.path.exists(done) and not overwrite:
-        if not c.resume:  # its checkpoints are gone, so the run directory's own guard would not stop it
-            raise UserError(f"{c.out_dir} holds a scored run of an earlier study: keep it with --resume, or "
-                            f"train it again with --overwrite")
-        with open(done) as f:
-            return json.load(f)
     t0 = time.time()
     if c.kd.kd_ratio == 0:  # the data's cross-entropy alone: the SFT baseline, no teacher to run
         c = override(c, {"mode": "sft", "teacher": c.student, "kd.teacher_cache": ""})
